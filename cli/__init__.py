@@ -1,0 +1,1 @@
+"""The `mice` command-line interface (see cli/main.py)."""

@@ -1,0 +1,325 @@
+"""The ``mice`` command: a thin Typer layer over the :mod:`mice_engine` Python API.
+
+Only typer and the standard library load at start-up; torch, transformers, h5py and bm25s load
+inside the commands that need them, so ``mice --help`` and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="mice",
+    help="Index, search and evaluate collections with MICE (Minimal Interaction Cross-Encoders).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+UNTRAINED_NOTE = (
+    "note: this model's MICE head is untrained, so its ranking is close to random; compare "
+    "with --first-stage-only (BM25) and use a trained model for real results"
+)
+
+
+class OutputFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+class DuplicatePolicy(str, Enum):
+    error = "error"
+    first = "first"
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(format="%(levelname)s: %(message)s", stream=sys.stderr,
+                        level=logging.WARNING)
+    logging.getLogger("mice_engine").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _fail(error: Exception) -> typer.Exit:
+    typer.echo(f"error: {error}", err=True)
+    return typer.Exit(code=2)
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    from mice_engine.indexing import MiceIndexError
+    from mice_engine.model import ModelError
+    from mice_engine.sources import SourceError
+    from mice_engine.store import StoreError
+
+    return (MiceIndexError, ModelError, SourceError, StoreError, ValueError, FileNotFoundError)
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:,.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
+
+
+@app.command()
+def index(
+    source: Annotated[str, typer.Argument(help="BEIR folder, .jsonl[.gz]/.tsv corpus file, or irds:<ir_datasets id>.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Index folder to create [default: indexes/<source name>].")] = None,
+    model: Annotated[Optional[str], typer.Option(help="MICE model folder, or a BERT-family backbone folder or Hugging Face id [default: all-MiniLM-L6-v2 as MICE-l3+3, untrained head].")] = None,
+    merge_layer: Annotated[Optional[int], typer.Option(help="X in MICE-lX+Y: number of lower layers (backbone models only) [default: 3].")] = None,
+    interaction_layers: Annotated[Optional[int], typer.Option(help="Y in MICE-lX+Y: number of interaction layers (backbone models only) [default: 3].")] = None,
+    doc_max_length: Annotated[Optional[int], typer.Option(help="Maximum document length in tokens, [CLS] and [SEP] included (backbone models only) [default: 512].")] = None,
+    query_max_length: Annotated[Optional[int], typer.Option(help="Maximum query length in tokens (backbone models only) [default: 64].")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Documents per forward pass.")] = 32,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Documents per committed shard (the unit that --resume restarts from).")] = 2048,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (the GPU when PyTorch sees one).")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build of the same source with the same settings.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild an existing index; the old one is replaced only when the new one is complete.")] = False,
+    on_duplicate: Annotated[DuplicatePolicy, typer.Option(help="What a repeated document id does: stop with an error, or keep the first document with that id.")] = DuplicatePolicy.error,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
+) -> None:
+    """Encode every document through the lower MICE layers and store its per-token states."""
+    _setup_logging(quiet)
+    if resume and overwrite:
+        raise _fail(ValueError("--resume and --overwrite exclude each other; pass one"))
+    if output is None:
+        name = source.removeprefix("irds:").rstrip("/").replace("/", "-") or "index"
+        output = Path("indexes") / Path(name).name.removesuffix(".gz").removesuffix(".jsonl")
+    options = {key: value for key, value in {
+        "merge_layer": merge_layer, "interaction_layers": interaction_layers,
+        "doc_max_length": doc_max_length, "query_max_length": query_max_length,
+    }.items() if value is not None}
+    from mice_engine.indexing import build_index
+    from mice_engine.model import load_model
+
+    try:
+        mice_model = load_model(model, **options)
+        if not quiet:
+            typer.echo(f"model: {mice_model.config.name} from {mice_model.source}", err=True)
+        manifest = build_index(
+            source, output, model=mice_model, batch_size=batch_size, chunk_size=chunk_size,
+            device=device, mode="resume" if resume else "overwrite" if overwrite else "create",
+            on_duplicate=on_duplicate.value, show_progress=not quiet,
+        )
+    except _expected_errors() as error:
+        raise _fail(error) from None
+    counts, build, states = manifest["counts"], manifest["build"], manifest["states"]
+    typer.echo(f"index: {output}")
+    typer.echo(f"documents: {counts['documents']:,}  tokens: {counts['tokens']:,}  "
+               f"truncated: {counts['truncated_documents']:,}  empty: {counts['empty_documents']:,}"
+               f"  skipped duplicates: {counts['skipped_duplicates']:,}")
+    typer.echo(f"time: {build['seconds']:.1f} s (encoding {build['encode_seconds']:.1f} s on "
+               f"{build['device']}), {build['documents_per_second'] or 0:,.1f} documents/s, "
+               f"{build['tokens_per_second'] or 0:,.0f} tokens/s")
+    typer.echo(f"size: {_human_bytes(manifest['bytes'])} on disk, states "
+               f"{_human_bytes(states['bytes'])} = {states['bytes_per_token']} bytes per token")
+    if not manifest["model"]["trained"]:
+        typer.echo(UNTRAINED_NOTE, err=True)
+
+
+@app.command()
+def search(
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index folder built by `mice index`.")],
+    query: Annotated[Optional[str], typer.Argument(help="Query text (put `--` before a query that starts with '-').")] = None,
+    queries: Annotated[Optional[str], typer.Option(help="Run a query set instead: a BEIR folder, queries .jsonl/.tsv, or irds:<id>.")] = None,
+    split: Annotated[str, typer.Option(help="Split whose judged queries a BEIR folder contributes (qrels/<split>.tsv).")] = "test",
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results per query.")] = 10,
+    candidates: Annotated[int, typer.Option(min=1, help="BM25 candidates re-scored by MICE per query.")] = 100,
+    first_stage_only: Annotated[bool, typer.Option("--first-stage-only", help="Return the BM25 ranking itself, without MICE.")] = False,
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="text (a readable table) or json.")] = OutputFormat.text,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="TREC run file to write for --queries ('-' for standard output).")] = None,
+    tag: Annotated[Optional[str], typer.Option(help="Run tag in the TREC file [default: mice or bm25].")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Score with this model instead of the index's own (its lower layers must be identical).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Candidates scored per forward pass.")] = 64,
+    timings: Annotated[Optional[Path], typer.Option(help="Write per-query stage timings and their p50/p95 as JSON to this file.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
+) -> None:
+    """Search an index with one query, or run a whole query set into a TREC run file."""
+    _setup_logging(quiet)
+    if (query is None) == (queries is None):
+        raise _fail(ValueError("give either a QUERY text or --queries SOURCE, not both or neither"))
+    if queries is not None and output is None:
+        raise _fail(ValueError("--queries needs --output FILE for the TREC run ('-' for stdout)"))
+    if candidates < k:
+        raise _fail(ValueError(f"--candidates ({candidates}) must be at least -k ({k})"))
+    from mice_engine.search import Searcher
+
+    try:
+        searcher = Searcher(index_dir, model=model, device=device, batch_size=batch_size)
+    except _expected_errors() as error:
+        raise _fail(error) from None
+    if not searcher.model.config.trained and not first_stage_only:
+        typer.echo(UNTRAINED_NOTE, err=True)
+    try:
+        if query is not None:
+            _search_one(searcher, query, k, candidates, first_stage_only, output_format, timings)
+        else:
+            _search_set(searcher, queries, split, k, candidates, first_stage_only, output,
+                        tag or ("bm25" if first_stage_only else "mice"), timings, quiet)
+    except _expected_errors() as error:
+        raise _fail(error) from None
+    finally:
+        searcher.close()
+
+
+def _snippet(title: str | None, text: str | None, width: int = 100) -> str:
+    value = " ".join(f"{title or ''} {text or ''}".split())
+    return value if len(value) <= width else value[: width - 1] + "…"
+
+
+def _search_one(searcher, query, k, candidates, first_stage_only, output_format, timings_path):
+    result = searcher.search(query, k=k, candidates=candidates,
+                             first_stage_only=first_stage_only, with_text=True)
+    if timings_path is not None:
+        _write_timings(timings_path, [result.timings], None)
+    if output_format is OutputFormat.json:
+        payload = {
+            "query": query,
+            "system": "bm25" if first_stage_only else "bm25>mice",
+            "model": searcher.model.config.name,
+            "model_trained": searcher.model.config.trained,
+            "candidates": result.candidates,
+            "query_truncated": result.query_truncated,
+            "timings_ms": {stage: round(value * 1000, 3) for stage, value in result.timings.items()},
+            "hits": [hit.__dict__ for hit in result.hits],
+        }
+        typer.echo(json.dumps(payload, ensure_ascii=False, indent=2))
+        return
+    if not result.hits:
+        typer.echo(f"no document shares a term with the query {query!r}")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    system = "BM25" if first_stage_only else f"BM25 > {searcher.model.config.name}"
+    table = Table(title=f"{system}: {len(result.hits)} of {result.candidates} candidates",
+                  title_justify="left")
+    for column, justify in (("rank", "right"), ("doc id", "left"), ("score", "right"),
+                            ("bm25 rank", "right"), ("title / text", "left")):
+        table.add_column(column, justify=justify, overflow="fold" if column == "doc id" else "ellipsis")
+    for hit in result.hits:
+        table.add_row(str(hit.rank), hit.doc_id, f"{hit.score:.4f}", str(hit.first_stage_rank),
+                      _snippet(hit.title, hit.text))
+    Console(width=max(120, Console().width)).print(table)
+
+
+def _search_set(searcher, source, split, k, candidates, first_stage_only, output, tag,
+                timings_path, quiet):
+    from tqdm.auto import tqdm
+
+    from mice_engine.evaluation import write_trec_run
+    from mice_engine.search import latency_summary
+    from mice_engine.sources import read_queries
+
+    query_list = read_queries(source, split=split)
+    run: dict[str, list[tuple[str, float]]] = {}
+    per_query = []
+    empty = 0
+    for item in tqdm(query_list, unit="query", desc="searching", disable=quiet,
+                     dynamic_ncols=True):
+        result = searcher.search(item.text, k=k, candidates=candidates,
+                                 first_stage_only=first_stage_only)
+        run[item.id] = [(hit.doc_id, hit.score) for hit in result.hits]
+        per_query.append(result.timings)
+        empty += not result.hits
+    if str(output) == "-":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            temporary = Path(folder) / "run.trec"
+            write_trec_run(temporary, run, tag)
+            sys.stdout.write(temporary.read_text(encoding="utf-8"))
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_trec_run(output, run, tag)
+        typer.echo(f"wrote {sum(len(hits) for hits in run.values()):,} results for "
+                   f"{len(run):,} queries to {output}", err=True)
+    if empty:
+        typer.echo(f"{empty} queries got no result (no document shares a term with them)",
+                   err=True)
+    summary = latency_summary(per_query)
+    lines = [f"  {stage:<15} p50 {values['p50_ms']:8.1f} ms   p95 {values['p95_ms']:8.1f} ms"
+             for stage, values in summary.items()]
+    typer.echo("latency per query:\n" + "\n".join(lines), err=True)
+    if timings_path is not None:
+        _write_timings(timings_path, per_query, [item.id for item in query_list])
+
+
+def _write_timings(path: Path, per_query: list[dict], query_ids: list[str] | None) -> None:
+    from mice_engine.search import latency_summary
+
+    payload = {"summary_ms": latency_summary(per_query), "per_query_seconds": per_query}
+    if query_ids is not None:
+        payload["query_ids"] = query_ids
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+@app.command("eval")
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="TREC run file (qid Q0 docid rank score tag).")],
+    qrels: Annotated[str, typer.Option(help="Judgments: a BEIR folder, a qrels file (BEIR TSV or TREC), or irds:<id>.")],
+    split: Annotated[str, typer.Option(help="Split of a BEIR folder's qrels/<split>.tsv.")] = "test",
+    metric: Annotated[Optional[list[str]], typer.Option("--metric", "-m", help="ir-measures name, repeatable [default: nDCG@10, RR@10, R@100].")] = None,
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.text,
+    per_query: Annotated[bool, typer.Option("--per-query", help="Also print every query's values.")] = False,
+) -> None:
+    """Evaluate a run over every judged query: a judged query missing from the run counts as 0."""
+    _setup_logging(quiet=False)
+    from mice_engine.evaluation import DEFAULT_METRICS
+    from mice_engine.evaluation import evaluate as evaluate_run
+    from mice_engine.evaluation import read_trec_run
+    from mice_engine.sources import read_qrels
+
+    try:
+        result = evaluate_run(read_trec_run(run), read_qrels(qrels, split=split),
+                              metric or DEFAULT_METRICS)
+    except _expected_errors() as error:
+        raise _fail(error) from None
+    if output_format is OutputFormat.json:
+        payload = {"run": str(run), "qrels": qrels, "metrics": result.metrics,
+                   "judged_queries": result.judged_queries,
+                   "missing_queries": result.missing_queries,
+                   "unjudged_queries": result.unjudged_queries}
+        if per_query:
+            payload["per_query"] = result.per_query
+        typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+        return
+    for name, value in result.metrics.items():
+        typer.echo(f"{name:<12} {value:.4f}")
+    typer.echo(f"judged queries: {result.judged_queries}; missing from the run (counted as 0): "
+               f"{len(result.missing_queries)}; in the run but unjudged (ignored): "
+               f"{result.unjudged_queries}")
+    if per_query:
+        for name, values in result.per_query.items():
+            for qid, value in values.items():
+                typer.echo(f"{name}\t{qid}\t{value:.4f}")
+
+
+@app.command()
+def info(
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index folder.")],
+) -> None:
+    """Print an index's manifest: model, layer split, counts, sizes, versions."""
+    from mice_engine.indexing import read_manifest
+
+    try:
+        manifest = read_manifest(index_dir)
+    except _expected_errors() as error:
+        raise _fail(error) from None
+    typer.echo(json.dumps(manifest, indent=2, ensure_ascii=False))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

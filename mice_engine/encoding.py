@@ -1,0 +1,85 @@
+"""Tokenisation and batched lower-layer encoding of queries and documents."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .model import MiceModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizedTexts:
+    """``[CLS] text [SEP]`` token ids, one list per text, with how many texts were cut."""
+
+    input_ids: list[list[int]]
+    truncated: int
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> TokenizedTexts:
+    """Tokenise each text as ``[CLS] text [SEP]``, cut to ``max_length`` tokens (both special
+    tokens included), and count the texts that were cut."""
+    pieces = tokenizer(
+        list(texts), add_special_tokens=False, truncation=False, return_attention_mask=False,
+        return_token_type_ids=False, verbose=False,
+    )["input_ids"]
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    room = max_length - 2
+    truncated = 0
+    sequences = []
+    for ids in pieces:
+        if len(ids) > room:
+            truncated += 1
+            ids = ids[:room]
+        sequences.append([cls_id, *ids, sep_id])
+    return TokenizedTexts(sequences, truncated)
+
+
+def pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"):
+    """Right-pad token id lists into (ids, attention mask) tensors."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def encode_sequences(
+    model: MiceModel, sequences: Sequence[Sequence[int]], batch_size: int = 32
+) -> list[np.ndarray]:
+    """Run the lower layers on token id lists and return float16 states, one (length, hidden)
+    array per sequence, in input order.
+
+    Sequences are encoded in batches sorted by length, so that a batch pads little.
+    """
+    pad_id = model.tokenizer.pad_token_id or 0
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
+    states: list[np.ndarray | None] = [None] * len(sequences)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        ids, mask = pad([sequences[i] for i in rows], pad_id, model.device)
+        hidden = model.encode(ids, mask).to(torch.float16).cpu().numpy()
+        for position, i in enumerate(rows):
+            states[i] = hidden[position, : len(sequences[i])]
+    return states  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def encode_query(model: MiceModel, text: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Encode one query; returns (states (1, L, H) float32, mask (1, L), whether it was cut)."""
+    tokens = tokenize(model.tokenizer, [text], model.config.query_max_length)
+    ids, mask = pad(tokens.input_ids, model.tokenizer.pad_token_id or 0, model.device)
+    return model.encode(ids, mask), mask, tokens.truncated > 0

