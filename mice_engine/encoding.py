@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,12 +58,16 @@ def pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | 
 
 @torch.inference_mode()
 def encode_sequences(
-    model: MiceModel, sequences: Sequence[Sequence[int]], batch_size: int = 32
+    model: MiceModel,
+    sequences: Sequence[Sequence[int]],
+    batch_size: int = 32,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[np.ndarray]:
     """Run the lower layers on token id lists and return float16 states, one (length, hidden)
     array per sequence, in input order.
 
     Sequences are encoded in batches sorted by length, so that a batch pads little.
+    ``on_batch`` is called with the number of sequences and of tokens after each batch.
     """
     pad_id = model.tokenizer.pad_token_id or 0
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
@@ -74,6 +78,8 @@ def encode_sequences(
         hidden = model.encode(ids, mask).to(torch.float16).cpu().numpy()
         for position, i in enumerate(rows):
             states[i] = hidden[position, : len(sequences[i])]
+        if on_batch is not None:
+            on_batch(len(rows), int(mask.sum()))
     return states  # type: ignore[return-value]
 
 

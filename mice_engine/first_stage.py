@@ -43,6 +43,8 @@ class BM25FirstStage:
               stemmer: str | None = "english", show_progress: bool = False) -> BM25FirstStage:
         import bm25s
 
+        # bm25s logs every build at DEBUG level through a handler of its own.
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
         settings = {"k1": k1, "b": b, "method": "lucene", "stemmer": stemmer,
                     "stopwords": "en", "documents": len(texts)}
         tokenizer = cls._make_tokenizer(settings)

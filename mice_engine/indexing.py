@@ -288,12 +288,12 @@ def build_index(
             tokens = tokenize(model.tokenizer, texts, model.config.doc_max_length)
             stats["truncated_documents"] += tokens.truncated
             tick = time.perf_counter()
-            states = encode_sequences(model, tokens.input_ids, batch_size)
+            states = encode_sequences(model, tokens.input_ids, batch_size, progress.update)
             encode_seconds += time.perf_counter() - tick
             write_shard(shard_folder, number, kept, states, kept_positions, model.hidden_size)
             encoded_documents += len(kept)
             encoded_tokens += sum(tokens.lengths)
-            progress.update(len(chunk), sum(tokens.lengths))
+            progress.update(len(chunk) - len(kept), 0)  # skipped duplicates
             if progress_callback is not None:
                 progress_callback(position)
     finally:

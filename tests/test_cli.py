@@ -1,0 +1,137 @@
+"""The `mice` command end to end on the real ADI collection with the default model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from conftest import REPO, shared_collection
+from mice_engine.evaluation import evaluate, read_trec_run
+from mice_engine.sources import read_qrels
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+@pytest.fixture(scope="module")
+def adi_index(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "adi"
+    result = invoke("index", shared_collection("adi"), "--output", folder, "--quiet")
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from cli.main import app; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                               text=True)
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_index_reports_counts_and_size(adi_index):
+    result = invoke("info", adi_index)
+    manifest = json.loads(result.stdout)
+    assert manifest["counts"]["documents"] == 82
+    assert manifest["model"]["name"] == "MICE-l3+3"
+    assert manifest["model"]["trained"] is False
+
+
+def test_index_refuses_existing_folder(adi_index):
+    result = invoke("index", shared_collection("adi"), "--output", adi_index, "--quiet")
+    assert result.exit_code == 2
+    assert "already exists; pass --overwrite" in result.output
+
+
+def test_index_rejects_resume_with_overwrite(tmp_path):
+    result = invoke("index", shared_collection("adi"), "-o", tmp_path / "x", "--resume",
+                    "--overwrite")
+    assert result.exit_code == 2
+    assert "exclude each other" in result.output
+
+
+def test_search_json_lists_hits_and_untrained_flag(adi_index):
+    result = invoke("search", adi_index, "computer indexing of documents", "-k", "5",
+                    "--format", "json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert len(payload["hits"]) == 5
+    assert payload["model_trained"] is False
+    assert payload["system"] == "bm25>mice"
+    assert [hit["rank"] for hit in payload["hits"]] == [1, 2, 3, 4, 5]
+    assert "untrained" in result.stderr
+
+
+def test_search_text_prints_table(adi_index):
+    result = invoke("search", adi_index, "computer indexing", "-k", "3", "--first-stage-only")
+    assert result.exit_code == 0, result.output
+    assert "BM25: 3 of" in result.stdout
+    assert "doc id" in result.stdout
+
+
+def test_query_set_run_and_eval_agree_with_api(adi_index, tmp_path):
+    adi = shared_collection("adi")
+    run_file = tmp_path / "run.trec"
+    result = invoke("search", adi_index, "--queries", adi, "--output", run_file, "--quiet",
+                    "--timings", tmp_path / "timings.json")
+    assert result.exit_code == 0, result.output
+    lines = run_file.read_text().splitlines()
+    assert len(lines) == 35 * 10
+    assert lines[0].split()[1] == "Q0"
+    assert lines[0].split()[5] == "mice"
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert len(timings["per_query_seconds"]) == 35
+    assert "interaction" in timings["summary_ms"]
+
+    result = invoke("eval", run_file, "--qrels", adi, "--format", "json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    expected = evaluate(read_trec_run(run_file), read_qrels(adi))
+    assert payload["metrics"] == expected.metrics
+    assert payload["judged_queries"] == 35
+    assert set(payload["metrics"]) == {"nDCG@10", "RR@10", "R@100"}
+
+
+def test_first_stage_run_writes_bm25_tag(adi_index, tmp_path):
+    run_file = tmp_path / "bm25.trec"
+    result = invoke("search", adi_index, "--queries", shared_collection("adi"), "-o", run_file,
+                    "--first-stage-only", "-q")
+    assert result.exit_code == 0, result.output
+    assert run_file.read_text().splitlines()[0].endswith(" bm25")
+
+
+def test_eval_counts_missing_queries(tmp_path):
+    adi = shared_collection("adi")
+    run_file = tmp_path / "partial.trec"
+    run_file.write_text("1 Q0 17 1 3.5 x\n")
+    result = invoke("eval", run_file, "--qrels", adi, "-m", "nDCG@10")
+    assert result.exit_code == 0, result.output
+    assert "missing from the run (counted as 0): 34" in result.stdout
+
+
+def test_search_needs_output_for_query_set(adi_index):
+    result = invoke("search", adi_index, "--queries", shared_collection("adi"))
+    assert result.exit_code == 2
+    assert "--output" in result.output
+
+
+def test_search_missing_index_fails_clearly(tmp_path):
+    result = invoke("search", tmp_path / "none", "query")
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+def test_eval_unknown_metric_fails_clearly(tmp_path):
+    run_file = tmp_path / "run.trec"
+    run_file.write_text("1 Q0 17 1 3.5 x\n")
+    result = invoke("eval", run_file, "--qrels", shared_collection("adi"), "-m", "nDCG@ten")
+    assert result.exit_code == 2
+    assert "nDCG@ten" in result.output

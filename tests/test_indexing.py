@@ -1,0 +1,203 @@
+"""Index builds on real files: HDF5 store, BM25, manifest, resume and overwrite."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared_collection
+from mice_engine.encoding import encode_sequences, tokenize
+from mice_engine.indexing import (BUILD_FILE, MANIFEST_FILE, MiceIndexError, build_index,
+                                  read_manifest)
+from mice_engine.model import MiceModel
+from mice_engine.sources import open_documents
+from mice_engine.store import STATES_FILE, StateStore
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_backbone):
+    return MiceModel.from_backbone(tiny_backbone, merge_layer=2, interaction_layers=2,
+                                   query_max_length=16, doc_max_length=64)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_adi_index_aligns_ids_texts_and_states(tiny_model, tmp_path):
+    adi = shared_collection("adi")
+    manifest = build_index(adi, tmp_path / "index", model=tiny_model, chunk_size=30,
+                           batch_size=8, show_progress=False)
+    documents = list(open_documents(adi))
+    tokens = tokenize(tiny_model.tokenizer, [doc.full_text() for doc in documents], 64)
+    assert manifest["counts"]["documents"] == 82
+    assert manifest["counts"]["tokens"] == sum(tokens.lengths)
+    assert manifest["counts"]["truncated_documents"] == tokens.truncated
+    with StateStore(tmp_path / "index" / STATES_FILE) as store:
+        assert store.doc_ids == [doc.id for doc in documents]
+        assert store.lengths().tolist() == tokens.lengths
+        assert store.document(40) == documents[40]
+        fresh = encode_sequences(tiny_model, tokens.input_ids[:5], batch_size=1)
+        for position in range(5):
+            np.testing.assert_allclose(store.states(position).astype(np.float32),
+                                       fresh[position].astype(np.float32), atol=2e-3)
+
+
+def test_store_is_one_contiguous_memory_mapped_dataset(tiny_model, tmp_path):
+    adi = shared_collection("adi")
+    build_index(adi, tmp_path / "index", model=tiny_model, chunk_size=50, show_progress=False)
+    with h5py.File(tmp_path / "index" / STATES_FILE, "r") as handle:
+        assert handle["states"].dtype == np.float16
+        assert handle["states"].chunks is None
+        assert handle["offsets"].shape == (83,)
+    with StateStore(tmp_path / "index" / STATES_FILE) as store:
+        assert isinstance(store._states, np.memmap)
+    assert not (tmp_path / "index" / "shards").exists()
+    assert not (tmp_path / "index" / BUILD_FILE).exists()
+
+
+def test_manifest_records_model_and_versions(tiny_model, tmp_path):
+    adi = shared_collection("adi")
+    manifest = build_index(adi, tmp_path / "index", model=tiny_model, show_progress=False)
+    assert read_manifest(tmp_path / "index") == manifest
+    assert manifest["model"]["name"] == "MICE-l2+2"
+    assert manifest["model"]["sha256"] == tiny_model.weights_sha256()
+    assert manifest["model"]["encoder_sha256"] == tiny_model.weights_sha256(lower_only=True)
+    assert manifest["states"]["dtype"] == "float16"
+    assert manifest["states"]["hidden_size"] == 32
+    assert "torch" in manifest["versions"]
+    assert manifest["bytes"] > manifest["states"]["bytes"]
+
+
+def test_existing_index_is_never_overwritten(tiny_model, tmp_path):
+    adi = shared_collection("adi")
+    build_index(adi, tmp_path / "index", model=tiny_model, show_progress=False)
+    before = (tmp_path / "index" / MANIFEST_FILE).read_bytes()
+    with pytest.raises(MiceIndexError, match="already exists; pass --overwrite"):
+        build_index(adi, tmp_path / "index", model=tiny_model, show_progress=False)
+    assert (tmp_path / "index" / MANIFEST_FILE).read_bytes() == before
+
+
+def test_overwrite_replaces_only_when_complete(tiny_model, tmp_path):
+    adi = shared_collection("adi")
+    first = build_index(adi, tmp_path / "index", model=tiny_model, show_progress=False)
+
+    def stop(position):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        build_index(adi, tmp_path / "index", model=tiny_model, mode="overwrite",
+                    show_progress=False, progress_callback=stop)
+    assert read_manifest(tmp_path / "index") == first  # the old index is untouched
+    second = build_index(adi, tmp_path / "index", model=tiny_model, mode="overwrite",
+                         show_progress=False)
+    assert second["created"] >= first["created"]
+    assert second["states"]["sha256"] == first["states"]["sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+def test_interrupted_build_resumes_to_identical_index(tiny_model, tmp_path):
+    adi = shared_collection("adi")
+    clean = build_index(adi, tmp_path / "clean", model=tiny_model, chunk_size=20,
+                        show_progress=False)
+    calls = []
+
+    def stop_after_two_shards(position):
+        calls.append(position)
+        if len(calls) == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        build_index(adi, tmp_path / "index", model=tiny_model, chunk_size=20,
+                    show_progress=False, progress_callback=stop_after_two_shards)
+    with pytest.raises(MiceIndexError, match="incomplete.*--resume"):
+        read_manifest(tmp_path / "index")
+    with pytest.raises(MiceIndexError, match="unfinished build; pass --resume"):
+        build_index(adi, tmp_path / "index", model=tiny_model, chunk_size=20, show_progress=False)
+    resumed = build_index(adi, tmp_path / "index", model=tiny_model, chunk_size=20,
+                          mode="resume", show_progress=False)
+    assert resumed["build"]["resumed_after_shards"] == 2
+    assert resumed["states"]["sha256"] == clean["states"]["sha256"]
+    assert resumed["counts"]["documents"] == clean["counts"]["documents"]
+    with StateStore(tmp_path / "index" / STATES_FILE) as a, \
+            StateStore(tmp_path / "clean" / STATES_FILE) as b:
+        assert a.doc_ids == b.doc_ids
+        assert np.array_equal(a.offsets, b.offsets)
+
+
+def test_resume_with_other_settings_is_rejected(tiny_model, tmp_path):
+    adi = shared_collection("adi")
+
+    def stop(position):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        build_index(adi, tmp_path / "index", model=tiny_model, chunk_size=20,
+                    show_progress=False, progress_callback=stop)
+    with pytest.raises(MiceIndexError, match="chunk_size"):
+        build_index(adi, tmp_path / "index", model=tiny_model, chunk_size=10, mode="resume",
+                    show_progress=False)
+
+
+def test_resume_without_partial_build_is_rejected(tiny_model, tmp_path):
+    with pytest.raises(MiceIndexError, match="no unfinished build"):
+        build_index(shared_collection("adi"), tmp_path / "index", model=tiny_model,
+                    mode="resume", show_progress=False)
+
+
+def test_duplicate_id_stops_with_positions(tiny_model, tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [
+        {"_id": "a", "text": "cells"}, {"_id": "b", "text": "gene"}, {"_id": "a", "text": "dna"},
+    ])
+    with pytest.raises(MiceIndexError, match=r"'a' appears twice .*documents 1 and 3"):
+        build_index(corpus, tmp_path / "index", model=tiny_model, show_progress=False)
+
+
+def test_duplicate_id_first_policy_keeps_first(tiny_model, tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [
+        {"_id": "a", "text": "cells"}, {"_id": "b", "text": "gene"}, {"_id": "a", "text": "dna"},
+    ])
+    manifest = build_index(corpus, tmp_path / "index", model=tiny_model, on_duplicate="first",
+                           show_progress=False)
+    assert manifest["counts"]["documents"] == 2
+    assert manifest["counts"]["skipped_duplicates"] == 1
+    with StateStore(tmp_path / "index" / STATES_FILE) as store:
+        assert store.document(0).text == "cells"
+
+
+def test_empty_and_long_documents_are_indexed_and_counted(tiny_model, tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [
+        {"_id": "007", "title": "", "text": ""},
+        {"_id": "long", "text": " ".join(["cells"] * 200)},
+        {"_id": "é-文", "text": "protein"},
+    ])
+    manifest = build_index(corpus, tmp_path / "index", model=tiny_model, show_progress=False)
+    assert manifest["counts"]["empty_documents"] == 1
+    assert manifest["counts"]["truncated_documents"] == 1
+    with StateStore(tmp_path / "index" / STATES_FILE) as store:
+        assert store.doc_ids == ["007", "long", "é-文"]
+        assert store.lengths().tolist() == [2, 64, 3]
+
+
+def test_empty_corpus_is_rejected(tiny_model, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("")
+    with pytest.raises(MiceIndexError, match="holds no documents"):
+        build_index(corpus, tmp_path / "index", model=tiny_model, show_progress=False)
+
+
+def test_cpu_device_is_accepted_and_cuda_checked(tiny_model, tmp_path):
+    adi = shared_collection("adi")
+    if torch.cuda.is_available():
+        pytest.skip("this check is for machines without a GPU")
+    with pytest.raises(MiceIndexError, match="sees no CUDA GPU"):
+        build_index(adi, tmp_path / "index", model=tiny_model, device="cuda", show_progress=False)

@@ -1,0 +1,161 @@
+"""Search over a real index of the ADI collection: candidates, scoring, ranking, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared_collection
+from mice_engine.indexing import MANIFEST_FILE, MiceIndexError, build_index
+from mice_engine.model import MiceModel
+from mice_engine.search import Index, Searcher, latency_summary, rank_order
+
+QUERY = "information retrieval system for document search"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_backbone):
+    return MiceModel.from_backbone(tiny_backbone, merge_layer=2, interaction_layers=2,
+                                   query_max_length=16, doc_max_length=64, seed=11)
+
+
+@pytest.fixture(scope="module")
+def adi_index(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adi") / "index"
+    build_index(shared_collection("adi"), folder, model=tiny_model, show_progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def searcher(adi_index, tiny_model):
+    searcher = Searcher(adi_index, model=tiny_model)
+    yield searcher
+    searcher.close()
+
+
+def test_rank_order_breaks_ties_by_descending_id():
+    order = rank_order(["b", "a", "c", "d"], np.array([1.0, 2.0, 1.0, 1.0]))
+    assert order == [1, 3, 2, 0]
+
+
+def test_hits_are_sorted_by_score(searcher):
+    result = searcher.search(QUERY, k=10, candidates=50)
+    scores = [hit.score for hit in result.hits]
+    assert len(result.hits) == 10
+    assert scores == sorted(scores, reverse=True)
+    assert [hit.rank for hit in result.hits] == list(range(1, 11))
+
+
+def test_scores_equal_unbatched_scoring_from_store(searcher, tiny_model):
+    from mice_engine.encoding import encode_query
+
+    result = searcher.search(QUERY, k=20, candidates=20)
+    store = searcher.index.store
+    query, query_mask, _ = encode_query(tiny_model, QUERY)
+    for hit in result.hits:
+        states = torch.from_numpy(store.states(store.position(hit.doc_id)).astype(np.float32))
+        with torch.no_grad():
+            expected = tiny_model.score_states(query, query_mask, states[None],
+                                               torch.ones(1, len(states)))
+        assert hit.score == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_batch_size_does_not_change_ranking(adi_index, tiny_model, searcher):
+    small = Searcher(adi_index, model=tiny_model, batch_size=3)
+    batched = searcher.search(QUERY, k=30, candidates=30)
+    one_by_one = small.search(QUERY, k=30, candidates=30)
+    # Compared by id: the tiny model's vocabulary leaves many near-ties whose order may flip.
+    expected = {hit.doc_id: hit.score for hit in one_by_one.hits}
+    assert {hit.doc_id for hit in batched.hits} == set(expected)
+    for hit in batched.hits:
+        assert hit.score == pytest.approx(expected[hit.doc_id], abs=1e-5)
+    small.close()
+
+
+def test_first_stage_only_returns_bm25_ranking(searcher):
+    result = searcher.search(QUERY, k=10, candidates=10, first_stage_only=True)
+    rows, scores = searcher.index.bm25.retrieve(QUERY, 10)
+    assert [hit.doc_id for hit in result.hits] == [searcher.index.store.doc_ids[r] for r in rows]
+    assert [hit.score for hit in result.hits] == pytest.approx(scores.tolist())
+    assert [hit.first_stage_rank for hit in result.hits] == list(range(1, 11))
+
+
+def test_mice_reranks_only_bm25_candidates(searcher):
+    bm25 = searcher.search(QUERY, k=15, candidates=15, first_stage_only=True)
+    mice = searcher.search(QUERY, k=15, candidates=15)
+    assert {hit.doc_id for hit in mice.hits} == {hit.doc_id for hit in bm25.hits}
+
+
+def test_k_larger_than_collection(searcher):
+    result = searcher.search(QUERY, k=500, candidates=1000)
+    assert result.candidates <= 82
+    assert len(result.hits) == result.candidates
+
+
+def test_query_without_known_terms_returns_nothing(searcher):
+    result = searcher.search("zzzqqq xxyyzz", k=10)
+    assert result.hits == []
+    assert result.candidates == 0
+
+
+def test_query_that_looks_like_a_flag(searcher):
+    result = searcher.search("--retrieval -k", k=5)
+    assert len(result.hits) == 5
+
+
+def test_candidates_fewer_than_k_is_rejected(searcher):
+    with pytest.raises(ValueError, match="candidates"):
+        searcher.search(QUERY, k=10, candidates=5)
+
+
+def test_hits_carry_text_when_asked(searcher):
+    hit = searcher.search(QUERY, k=1, with_text=True).hits[0]
+    document = searcher.index.store.document(searcher.index.store.position(hit.doc_id))
+    assert hit.text == document.text
+    assert hit.title == document.title
+
+
+def test_timings_cover_every_stage(searcher):
+    result = searcher.search(QUERY, k=5)
+    assert set(result.timings) == {"first_stage", "query_encoding", "load_states", "interaction"}
+    assert all(value >= 0 for value in result.timings.values())
+    summary = latency_summary([result.timings, result.timings])
+    assert summary["total"]["p50_ms"] == pytest.approx(sum(result.timings.values()) * 1000)
+
+
+def test_model_with_other_lower_layers_is_rejected(adi_index, tiny_backbone):
+    other = MiceModel.from_backbone(tiny_backbone, merge_layer=1, interaction_layers=2,
+                                    query_max_length=16, doc_max_length=64)
+    with pytest.raises(MiceIndexError, match="other lower layers"):
+        Searcher(adi_index, model=other)
+
+
+def test_model_with_other_head_is_accepted(adi_index, tiny_backbone):
+    other = MiceModel.from_backbone(tiny_backbone, merge_layer=2, interaction_layers=2,
+                                    query_max_length=16, doc_max_length=64, seed=99)
+    searcher = Searcher(adi_index, model=other)
+    assert len(searcher.search(QUERY, k=3).hits) == 3
+    searcher.close()
+
+
+def test_index_reloads_its_own_model(adi_index, tiny_model):
+    index = Index(adi_index)
+    model = index.load_model()
+    assert model.weights_sha256() == tiny_model.weights_sha256()
+    index.close()
+
+
+def test_folder_without_manifest_is_rejected(adi_index, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(adi_index, copy)
+    (copy / MANIFEST_FILE).unlink()
+    with pytest.raises(MiceIndexError, match="no manifest.json"):
+        Index(copy)
+
+
+def test_missing_index_is_rejected(tmp_path):
+    with pytest.raises(MiceIndexError, match="does not exist"):
+        Index(tmp_path / "nowhere")
