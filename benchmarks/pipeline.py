@@ -1,9 +1,12 @@
 """End-to-end pipeline benchmark: index a collection, search its queries, evaluate, record.
 
-Measures, in one run on one machine: indexing time, documents/s and tokens/s, index size and
-bytes per stored token; nDCG@10, RR@10 and R@100 of the BM25 ranking and of BM25 followed by
-MICE; per-query latency (p50, p95) of each stage. Writes a JSON record with the hardware,
-library versions and git commit beside the numbers.
+It measures, in one run on one machine:
+
+- indexing time, documents/s, tokens/s, index size and bytes per stored token;
+- nDCG@10, RR@10 and R@100 of the BM25 ranking and of BM25 followed by MICE;
+- per-query latency (p50, p95) of each stage.
+
+The JSON record it writes holds the hardware, library versions and git commit beside the numbers.
 
 Usage:
     python benchmarks/pipeline.py ../shared/data/scifact --name scifact

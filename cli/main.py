@@ -1,7 +1,7 @@
 """The ``mice`` command: a thin Typer layer over the :mod:`mice_engine` Python API.
 
 Only typer and the standard library load at start-up; torch, transformers, h5py and bm25s load
-inside the commands that need them, so ``mice --help`` and argument errors answer at once.
+inside the commands that need them, so ``mice --help`` and argument errors return at once.
 """
 
 from __future__ import annotations
@@ -155,8 +155,6 @@ def search(
         searcher = Searcher(index_dir, model=model, device=device, batch_size=batch_size)
     except _expected_errors() as error:
         raise _fail(error) from None
-    if not searcher.model.config.trained and not first_stage_only:
-        typer.echo(UNTRAINED_NOTE, err=True)
     try:
         if query is not None:
             _search_one(searcher, query, k, candidates, first_stage_only, output_format, timings)
