@@ -150,6 +150,7 @@ def main() -> None:
             "bytes_on_disk": manifest["bytes"],
             "state_bytes": manifest["states"]["bytes"],
             "bytes_per_token": manifest["states"]["bytes_per_token"],
+            "file_bytes_per_token": manifest["states"].get("file_bytes_per_token"),
             "states_sha256": manifest["states"]["sha256"],
         },
         "systems": systems,

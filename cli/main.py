@@ -67,6 +67,17 @@ def _human_bytes(count: float) -> str:
     return f"{count} B"
 
 
+def _default_index_name(source: str) -> str:
+    """``irds:beir/scifact/test`` gives ``beir-scifact-test``; ``data/corpus.jsonl.gz`` gives
+    ``corpus``; a folder gives its own name."""
+    if source.startswith("irds:"):
+        return source.removeprefix("irds:").strip("/").replace("/", "-") or "index"
+    name = Path(source).resolve().name
+    for suffix in (".gz", ".jsonl", ".tsv"):
+        name = name.removesuffix(suffix)
+    return name or "index"
+
+
 @app.command()
 def index(
     source: Annotated[str, typer.Argument(help="BEIR folder, .jsonl[.gz]/.tsv corpus file, or irds:<ir_datasets id>.")],
@@ -89,8 +100,7 @@ def index(
     if resume and overwrite:
         raise _fail(ValueError("--resume and --overwrite exclude each other; pass one"))
     if output is None:
-        name = source.removeprefix("irds:").rstrip("/").replace("/", "-") or "index"
-        output = Path("indexes") / Path(name).name.removesuffix(".gz").removesuffix(".jsonl")
+        output = Path("indexes") / _default_index_name(source)
     options = {key: value for key, value in {
         "merge_layer": merge_layer, "interaction_layers": interaction_layers,
         "doc_max_length": doc_max_length, "query_max_length": query_max_length,
@@ -109,6 +119,10 @@ def index(
         )
     except _expected_errors() as error:
         raise _fail(error) from None
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: {output} is incomplete. Continue with the same command plus "
+                   "--resume", err=True)
+        raise typer.Exit(code=130) from None
     counts, build, states = manifest["counts"], manifest["build"], manifest["states"]
     typer.echo(f"index: {output}")
     typer.echo(f"documents: {counts['documents']:,}  tokens: {counts['tokens']:,}  "
@@ -117,8 +131,8 @@ def index(
     typer.echo(f"time: {build['seconds']:.1f} s (encoding {build['encode_seconds']:.1f} s on "
                f"{build['device']}), {build['documents_per_second'] or 0:,.1f} documents/s, "
                f"{build['tokens_per_second'] or 0:,.0f} tokens/s")
-    typer.echo(f"size: {_human_bytes(manifest['bytes'])} on disk, states "
-               f"{_human_bytes(states['bytes'])} = {states['bytes_per_token']} bytes per token")
+    typer.echo(f"size: {_human_bytes(manifest['bytes'])} on disk; {states['bytes_per_token']} "
+               f"bytes per stored token ({states['file_bytes_per_token']} with ids and texts)")
     if not manifest["model"]["trained"]:
         typer.echo(UNTRAINED_NOTE, err=True)
 
@@ -313,6 +327,23 @@ def info(
     except _expected_errors() as error:
         raise _fail(error) from None
     typer.echo(json.dumps(manifest, indent=2, ensure_ascii=False))
+
+
+@app.command()
+def check(
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index folder.")],
+    checksum: Annotated[bool, typer.Option("--checksum/--no-checksum", help="Recompute the SHA-256 of every stored state (reads the whole store).")] = True,
+) -> None:
+    """Verify an index: manifest, counts, alignment of ids, states and texts, checksum, BM25."""
+    from mice_engine.check import check_index
+
+    report = check_index(index_dir, verify_checksum=checksum)
+    for problem in report.problems:
+        typer.echo(f"problem: {problem}", err=True)
+    if not report.ok:
+        typer.echo(f"{index_dir}: {len(report.problems)} problem(s) found", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(f"{index_dir}: OK ({', '.join(report.checked)})")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ An index folder holds:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from .first_stage import BM25_DIR, BM25FirstStage
 from .model import MiceModel, load_model
 from .sources import Document, open_documents
 from .store import (SHARDS_DIR, STATES_FILE, StateStore, committed_shards, merge_shards,
-                    read_shard_ids, write_shard)
+                    read_shard_ids, shard_statistics, write_shard)
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ def _write_json_atomic(path: Path, values: dict[str, Any]) -> None:
 
 
 def _folder_bytes(folder: Path) -> int:
+    if not folder.exists():
+        return 0
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
@@ -247,7 +250,6 @@ def build_index(
         logger.info("resuming %s after %d committed shards", folder, len(committed))
 
     total = documents.count()
-    stats = {"truncated_documents": 0, "empty_documents": 0, "skipped_duplicates": 0}
     encoded_documents = encoded_tokens = 0
     started = time.perf_counter()
     encode_seconds = 0.0
@@ -275,7 +277,6 @@ def build_index(
                             f"{documents.description} (documents {seen[document.id] + 1} and "
                             f"{position + 1}); pass --on-duplicate first to keep the first one"
                         )
-                    stats["skipped_duplicates"] += 1
                     logger.warning("skipping document %d: id %r repeats document %d",
                                    position + 1, document.id, seen[document.id] + 1)
                 else:
@@ -284,31 +285,40 @@ def build_index(
                     kept_positions.append(position)
                 position += 1
             texts = [document.full_text() for document in kept]
-            stats["empty_documents"] += sum(1 for text in texts if not text)
             tokens = tokenize(model.tokenizer, texts, model.config.doc_max_length)
-            stats["truncated_documents"] += tokens.truncated
             tick = time.perf_counter()
             states = encode_sequences(model, tokens.input_ids, batch_size, progress.update)
             encode_seconds += time.perf_counter() - tick
-            write_shard(shard_folder, number, kept, states, kept_positions, model.hidden_size)
+            statistics = {"truncated_documents": tokens.truncated,
+                          "empty_documents": sum(1 for text in texts if not text),
+                          "skipped_duplicates": len(chunk) - len(kept)}
+            write_shard(shard_folder, number, kept, states, kept_positions, model.hidden_size,
+                        statistics)
             encoded_documents += len(kept)
             encoded_tokens += sum(tokens.lengths)
             progress.update(len(chunk) - len(kept), 0)  # skipped duplicates
             if progress_callback is not None:
                 progress_callback(position)
+    except OSError as error:
+        raise _disk_error(error, folder) from error
     finally:
         progress.close()
-    # NOTE: a resumed build counts truncated and empty documents of the new shards only.
 
     shards = committed_shards(shard_folder)
-    if not shards:
+    stats = dict.fromkeys(("truncated_documents", "empty_documents", "skipped_duplicates"), 0)
+    for shard in shards:
+        for key, value in shard_statistics(shard).items():
+            stats[key] += value
+    if not shards or sum(len(ids) for ids, _ in map(read_shard_ids, shards)) == 0:
         raise MiceIndexError(f"{documents.description} holds no documents; nothing to index")
-    store_info = merge_shards(shards, folder / STATES_FILE)
-    with StateStore(folder / STATES_FILE) as store:
-        texts = [store.document(i).full_text() for i in range(len(store))]
-    bm25 = BM25FirstStage.build(texts, show_progress=show_progress)
-    bm25.save(folder / BM25_DIR)
-    shutil.rmtree(shard_folder)
+    try:
+        store_info = merge_shards(shards, folder / STATES_FILE)
+        with StateStore(folder / STATES_FILE) as store:
+            texts = [store.document(i).full_text() for i in range(len(store))]
+        bm25 = BM25FirstStage.build(texts, show_progress=show_progress)
+        bm25.save(folder / BM25_DIR)
+    except OSError as error:
+        raise _disk_error(error, folder) from error
     elapsed = time.perf_counter() - started
 
     if stats["empty_documents"]:
@@ -330,8 +340,11 @@ def build_index(
             "compression": "none",
             "hidden_size": store_info["hidden_size"],
             "sha256": store_info["states_sha256"],
+            # The state rows alone take hidden * 2 bytes per token; the file also holds the
+            # offsets, ids and texts.
             "bytes": states_bytes,
-            "bytes_per_token": round(states_bytes / store_info["tokens"], 2),
+            "bytes_per_token": store_info["hidden_size"] * 2,
+            "file_bytes_per_token": round(states_bytes / store_info["tokens"], 2),
         },
         "first_stage": {"bm25": {"path": BM25_DIR, **bm25.settings}},
         "counts": {"documents": store_info["documents"], "tokens": store_info["tokens"],
@@ -353,12 +366,26 @@ def build_index(
         },
         "versions": library_versions(),
     }
-    manifest["bytes"] = _folder_bytes(folder) - (folder / BUILD_FILE).stat().st_size
+    manifest["bytes"] = (_folder_bytes(folder) - _folder_bytes(shard_folder)
+                         - (folder / BUILD_FILE).stat().st_size)
+    # The manifest marks the index complete, so the shards go only after it is written: a build
+    # killed before this point still has every shard to resume from.
     _write_json_atomic(folder / MANIFEST_FILE, manifest)
     (folder / BUILD_FILE).unlink()
+    shutil.rmtree(shard_folder)
     if folder != output:
         _swap_in(folder, output)
     return manifest
+
+
+def _disk_error(error: OSError, folder: Path) -> Exception:
+    """A clear error for a full disk; other OS errors pass through unchanged."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return error
+    return MiceIndexError(
+        f"disk full while building {folder} ({error.strerror}). The shards committed so far are "
+        "kept: free some space, then rerun the same command with --resume"
+    )
 
 
 def _swap_in(staging: Path, output: Path) -> None:

@@ -75,11 +75,13 @@ def write_shard(
     states: Sequence[np.ndarray],
     positions: Sequence[int],
     hidden_size: int,
+    statistics: dict[str, int] | None = None,
 ) -> Path:
     """Commit one shard: documents, their float16 states and their positions in the source.
 
     A shard may hold no document (a chunk made only of skipped duplicates), so that shard
-    numbers stay aligned with the source's chunks.
+    numbers stay aligned with the source's chunks. ``statistics`` (counts such as truncated
+    documents) are kept as attributes, so that a resumed build can total them.
     """
     if not len(documents) == len(states) == len(positions):
         raise ValueError(f"{len(documents)} documents, {len(states)} state arrays and "
@@ -97,9 +99,17 @@ def write_shard(
         _write_strings(handle, "doc_ids", [doc.id for doc in documents])
         _write_strings(handle, "titles", [doc.title for doc in documents])
         _write_strings(handle, "texts", [doc.text for doc in documents])
+        for key, value in (statistics or {}).items():
+            handle.attrs[key] = int(value)
     _sync(temporary)
     os.replace(temporary, final)
     return final
+
+
+def shard_statistics(path: Path) -> dict[str, int]:
+    """The counts that :func:`write_shard` stored with a shard."""
+    with h5py.File(path, "r") as handle:
+        return {key: int(value) for key, value in handle.attrs.items()}
 
 
 def committed_shards(folder: Path) -> list[Path]:

@@ -45,6 +45,18 @@ def test_index_reports_counts_and_size(adi_index):
     assert manifest["model"]["trained"] is False
 
 
+@pytest.mark.parametrize(("source", "name"), [
+    ("irds:beir/scifact/test", "beir-scifact-test"),
+    ("../shared/data/scifact/", "scifact"),
+    ("corpus.jsonl.gz", "corpus"),
+    ("docs.tsv", "docs"),
+])
+def test_default_index_name(source, name):
+    from cli.main import _default_index_name
+
+    assert _default_index_name(source) == name
+
+
 def test_index_refuses_existing_folder(adi_index):
     result = invoke("index", shared_collection("adi"), "--output", adi_index, "--quiet")
     assert result.exit_code == 2

@@ -74,6 +74,8 @@ def test_manifest_records_model_and_versions(tiny_model, tmp_path):
     assert manifest["model"]["encoder_sha256"] == tiny_model.weights_sha256(lower_only=True)
     assert manifest["states"]["dtype"] == "float16"
     assert manifest["states"]["hidden_size"] == 32
+    assert manifest["states"]["bytes_per_token"] == 64
+    assert manifest["states"]["file_bytes_per_token"] > 64
     assert "torch" in manifest["versions"]
     assert manifest["bytes"] > manifest["states"]["bytes"]
 
@@ -127,7 +129,7 @@ def test_interrupted_build_resumes_to_identical_index(tiny_model, tmp_path):
                           mode="resume", show_progress=False)
     assert resumed["build"]["resumed_after_shards"] == 2
     assert resumed["states"]["sha256"] == clean["states"]["sha256"]
-    assert resumed["counts"]["documents"] == clean["counts"]["documents"]
+    assert resumed["counts"] == clean["counts"]
     with StateStore(tmp_path / "index" / STATES_FILE) as a, \
             StateStore(tmp_path / "clean" / STATES_FILE) as b:
         assert a.doc_ids == b.doc_ids
@@ -201,3 +203,94 @@ def test_cpu_device_is_accepted_and_cuda_checked(tiny_model, tmp_path):
         pytest.skip("this check is for machines without a GPU")
     with pytest.raises(MiceIndexError, match="sees no CUDA GPU"):
         build_index(adi, tmp_path / "index", model=tiny_model, device="cuda", show_progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# mice check
+def test_check_accepts_fresh_index(tiny_model, tmp_path):
+    from mice_engine.check import check_index
+
+    build_index(shared_collection("adi"), tmp_path / "index", model=tiny_model,
+                show_progress=False)
+    report = check_index(tmp_path / "index")
+    assert report.problems == []
+    assert "checksum" in report.checked
+
+
+def test_check_reports_corrupted_states(tiny_model, tmp_path):
+    from mice_engine.check import check_index
+
+    build_index(shared_collection("adi"), tmp_path / "index", model=tiny_model,
+                show_progress=False)
+    with h5py.File(tmp_path / "index" / STATES_FILE, "r+") as handle:
+        handle["states"][5, 3] = np.float16(np.nan)
+    report = check_index(tmp_path / "index")
+    assert any("SHA-256 differs" in problem for problem in report.problems)
+    assert any("1 stored state values are NaN" in problem for problem in report.problems)
+
+
+def test_check_reports_count_mismatch_and_missing_bm25(tiny_model, tmp_path):
+    import shutil
+
+    from mice_engine.check import check_index
+
+    build_index(shared_collection("adi"), tmp_path / "index", model=tiny_model,
+                show_progress=False)
+    manifest_path = tmp_path / "index" / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["counts"]["documents"] = 81
+    manifest_path.write_text(json.dumps(manifest))
+    shutil.rmtree(tmp_path / "index" / "bm25")
+    problems = check_index(tmp_path / "index").problems
+    assert any("manifest lists 81" in problem for problem in problems)
+    assert any("BM25 index" in problem for problem in problems)
+
+
+def test_check_reports_unfinished_build(tiny_model, tmp_path):
+    from mice_engine.check import check_index
+
+    def stop(position):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        build_index(shared_collection("adi"), tmp_path / "index", model=tiny_model,
+                    chunk_size=20, show_progress=False, progress_callback=stop)
+    problems = check_index(tmp_path / "index").problems
+    assert len(problems) == 1
+    assert "--resume" in problems[0]
+
+
+def test_full_disk_keeps_shards_for_resume(tiny_model, tmp_path, monkeypatch):
+    import errno
+
+    import mice_engine.indexing as indexing
+
+    adi = shared_collection("adi")
+    real_write = indexing.write_shard
+
+    def write_until_full(folder, number, *args):
+        if number == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(folder, number, *args)
+
+    monkeypatch.setattr(indexing, "write_shard", write_until_full)
+    with pytest.raises(MiceIndexError, match="disk full .* --resume"):
+        build_index(adi, tmp_path / "index", model=tiny_model, chunk_size=20,
+                    show_progress=False)
+    assert len(list((tmp_path / "index" / "shards").glob("part-*.h5"))) == 2
+    monkeypatch.setattr(indexing, "write_shard", real_write)
+    manifest = build_index(adi, tmp_path / "index", model=tiny_model, chunk_size=20,
+                           mode="resume", show_progress=False)
+    assert manifest["counts"]["documents"] == 82
+    assert manifest["build"]["resumed_after_shards"] == 2
+
+
+def test_one_document_collection(tiny_model, tmp_path):
+    from mice_engine.search import Searcher
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"_id": "only", "text": "protein gene"}])
+    build_index(corpus, tmp_path / "index", model=tiny_model, show_progress=False)
+    searcher = Searcher(tmp_path / "index", model=tiny_model)
+    hits = searcher.search("gene", k=10).hits
+    assert [hit.doc_id for hit in hits] == ["only"]
+    searcher.close()

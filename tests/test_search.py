@@ -159,3 +159,70 @@ def test_folder_without_manifest_is_rejected(adi_index, tmp_path):
 def test_missing_index_is_rejected(tmp_path):
     with pytest.raises(MiceIndexError, match="does not exist"):
         Index(tmp_path / "nowhere")
+
+
+def test_query_in_other_scripts(searcher):
+    for query in ("信息检索系统", "استرجاع المعلومات", "поиск документов", "🙂 retrieval"):
+        result = searcher.search(query, k=5)
+        assert len(result.hits) <= 5
+        assert all(np.isfinite(hit.score) for hit in result.hits)
+
+
+def test_empty_query_returns_nothing(searcher):
+    assert searcher.search("", k=5).hits == []
+    assert searcher.search("   ", k=5).hits == []
+
+
+def test_repeated_runs_write_identical_files(adi_index, tmp_path):
+    from mice_engine.evaluation import write_trec_run
+    from mice_engine.sources import read_queries
+
+    queries = read_queries(shared_collection("adi"))[:10]
+    for name in ("first.trec", "second.trec"):
+        searcher = Searcher(adi_index)
+        run = {q.id: [(h.doc_id, h.score) for h in searcher.search(q.text, k=20).hits]
+               for q in queries}
+        write_trec_run(tmp_path / name, run, "mice")
+        searcher.close()
+    assert (tmp_path / "first.trec").read_bytes() == (tmp_path / "second.trec").read_bytes()
+
+
+SEARCH_SCRIPT = """
+import json, sys
+from mice_engine.search import Searcher
+searcher = Searcher(sys.argv[1])
+hits = searcher.search(sys.argv[2], k=10).hits
+print(json.dumps([[hit.doc_id, hit.score] for hit in hits]))
+"""
+
+
+def test_concurrent_searches_agree(adi_index):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    processes = [
+        subprocess.Popen([sys.executable, "-c", SEARCH_SCRIPT, str(adi_index), QUERY], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (stdout, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr
+    results = [json.loads(stdout) for stdout, _ in outputs]
+    assert len(results[0]) == 10
+    assert results[1] == results[0]
+    assert results[2] == results[0]
+
+
+def test_search_during_build_is_rejected_clearly(tiny_model, tmp_path):
+    def stop(position):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_index(shared_collection("adi"), tmp_path / "index", model=tiny_model,
+                    chunk_size=20, show_progress=False, progress_callback=stop)
+    with pytest.raises(MiceIndexError, match="incomplete: its build was interrupted or is still"):
+        Searcher(tmp_path / "index")

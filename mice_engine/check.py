@@ -1,0 +1,117 @@
+"""Verification of an index folder against its manifest: ``mice check``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .first_stage import BM25_DIR
+from .indexing import MiceIndexError, read_manifest
+
+# Rows hashed per step: bounds memory while the states are read (3 MiB at hidden 384).
+_HASH_ROWS = 1 << 12
+
+
+@dataclass
+class CheckReport:
+    folder: Path
+    problems: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_index(folder: str | os.PathLike, verify_checksum: bool = True) -> CheckReport:
+    """Verify an index: manifest, store layout, alignment of ids, states and texts, checksum,
+    finiteness of every state, and the BM25 document count.
+
+    Problems are collected, not raised, so that one run lists everything that is wrong.
+    """
+    import h5py
+
+    report = CheckReport(Path(folder))
+    try:
+        manifest = read_manifest(folder)
+    except (MiceIndexError, json.JSONDecodeError) as error:
+        report.problems.append(str(error))
+        return report
+    report.checked.append("manifest")
+    states_path = report.folder / manifest["states"]["file"]
+    if not states_path.is_file():
+        report.problems.append(f"state store {states_path} is missing")
+        return report
+    counts = manifest["counts"]
+    try:
+        with h5py.File(states_path, "r") as handle:
+            _check_store(handle, manifest, report, verify_checksum)
+    except OSError as error:
+        report.problems.append(f"state store {states_path} cannot be read as HDF5: {error}")
+
+    bm25_settings = report.folder / BM25_DIR / "mice_bm25.json"
+    if not bm25_settings.is_file():
+        report.problems.append(f"BM25 index {report.folder / BM25_DIR} is missing or incomplete")
+    else:
+        documents = json.loads(bm25_settings.read_text()).get("documents")
+        if documents != counts["documents"]:
+            report.problems.append(
+                f"BM25 covers {documents} documents but the manifest lists {counts['documents']}"
+            )
+        report.checked.append("bm25")
+    return report
+
+
+def _check_store(handle, manifest: dict, report: CheckReport, verify_checksum: bool) -> None:
+    from .store import _STRING_FIELDS, _read_all_strings
+
+    counts = manifest["counts"]
+    states = handle["states"]
+    offsets = handle["offsets"][()]
+    documents = len(offsets) - 1
+    if documents != counts["documents"]:
+        report.problems.append(f"the store holds {documents} documents but the manifest lists "
+                               f"{counts['documents']}")
+    if states.shape[0] != counts["tokens"]:
+        report.problems.append(f"the store holds {states.shape[0]} token states but the manifest "
+                               f"lists {counts['tokens']}")
+    if states.shape[1] != manifest["states"]["hidden_size"]:
+        report.problems.append(f"states have width {states.shape[1]} but the manifest lists "
+                               f"{manifest['states']['hidden_size']}")
+    if offsets[0] != 0 or offsets[-1] != states.shape[0] or np.any(np.diff(offsets) < 1):
+        report.problems.append("document offsets are not increasing from 0 to the number of "
+                               "token states: states and documents are misaligned")
+    report.checked.append("offsets")
+
+    for name in _STRING_FIELDS:
+        try:
+            values = _read_all_strings(handle[name])
+        except (KeyError, UnicodeDecodeError) as error:
+            report.problems.append(f"{name} cannot be read: {error}")
+            continue
+        if len(values) != documents:
+            report.problems.append(f"{len(values)} {name} for {documents} documents")
+        if name == "doc_ids" and len(set(values)) != len(values):
+            report.problems.append(f"{len(values) - len(set(values))} document ids repeat")
+    report.checked.append("ids and texts")
+
+    digest = hashlib.sha256()
+    non_finite = 0
+    for start in range(0, states.shape[0], _HASH_ROWS):
+        block = states[start : start + _HASH_ROWS]
+        non_finite += int(np.count_nonzero(~np.isfinite(block)))
+        if verify_checksum:
+            digest.update(block.tobytes())
+    if non_finite:
+        report.problems.append(f"{non_finite} stored state values are NaN or infinite")
+    report.checked.append("finite states")
+    if verify_checksum:
+        if digest.hexdigest() != manifest["states"]["sha256"]:
+            report.problems.append("the states' SHA-256 differs from the manifest: the store was "
+                                   "modified or corrupted after the build; rebuild with --overwrite")
+        report.checked.append("checksum")
