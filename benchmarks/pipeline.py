@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--index", type=Path, default=None,
                         help="index folder [indexes/bench-<name>]; reused when complete")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON record [benchmarks/results/<name>.json]")
     args = parser.parse_args()
@@ -100,7 +101,7 @@ def main() -> None:
         manifest = read_manifest(index)
     else:
         manifest = build_index(args.collection, index, model=args.model,
-                               batch_size=args.batch_size,
+                               batch_size=args.batch_size, chunk_size=args.chunk_size,
                                mode="overwrite" if index.exists() else "create")
 
     queries = read_queries(args.collection, split=args.split)

@@ -34,6 +34,11 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
+class LongDocumentPolicy(str, Enum):
+    truncate = "truncate"
+    windows = "windows"
+
+
 class DuplicatePolicy(str, Enum):
     error = "error"
     first = "first"
@@ -93,6 +98,8 @@ def index(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build of the same source with the same settings.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild an existing index; the old one is replaced only when the new one is complete.")] = False,
     on_duplicate: Annotated[DuplicatePolicy, typer.Option(help="What a repeated document id does: stop with an error, or keep the first document with that id.")] = DuplicatePolicy.error,
+    long_documents: Annotated[LongDocumentPolicy, typer.Option(help="Documents longer than the maximum length: keep their beginning (truncate), or store overlapping windows and score each document by its best window.")] = LongDocumentPolicy.truncate,
+    window_stride: Annotated[Optional[int], typer.Option(min=1, help="Tokens between the starts of two windows [default: half the maximum length].")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
 ) -> None:
     """Encode every document through the lower MICE layers and store its per-token states."""
@@ -115,7 +122,8 @@ def index(
         manifest = build_index(
             source, output, model=mice_model, batch_size=batch_size, chunk_size=chunk_size,
             device=device, mode="resume" if resume else "overwrite" if overwrite else "create",
-            on_duplicate=on_duplicate.value, show_progress=not quiet,
+            on_duplicate=on_duplicate.value, long_documents=long_documents.value,
+            window_stride=window_stride, show_progress=not quiet,
         )
     except _expected_errors() as error:
         raise _fail(error) from None
@@ -126,7 +134,8 @@ def index(
     counts, build, states = manifest["counts"], manifest["build"], manifest["states"]
     typer.echo(f"index: {output}")
     typer.echo(f"documents: {counts['documents']:,}  tokens: {counts['tokens']:,}  "
-               f"truncated: {counts['truncated_documents']:,}  empty: {counts['empty_documents']:,}"
+               f"truncated: {counts['truncated_documents']:,}  split into windows: "
+               f"{counts['split_documents']:,}  empty: {counts['empty_documents']:,}"
                f"  skipped duplicates: {counts['skipped_duplicates']:,}")
     typer.echo(f"time: {build['seconds']:.1f} s (encoding {build['encode_seconds']:.1f} s on "
                f"{build['device']}), {build['documents_per_second'] or 0:,.1f} documents/s, "

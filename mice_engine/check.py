@@ -86,6 +86,13 @@ def _check_store(handle, manifest: dict, report: CheckReport, verify_checksum: b
     if offsets[0] != 0 or offsets[-1] != states.shape[0] or np.any(np.diff(offsets) < 1):
         report.problems.append("document offsets are not increasing from 0 to the number of "
                                "token states: states and documents are misaligned")
+    if "window_offsets" in handle:
+        window_offsets = handle["window_offsets"][()]
+        doc_windows = handle["doc_windows"][()]
+        if (len(doc_windows) != len(offsets) or doc_windows[-1] != len(window_offsets) - 1
+                or not np.array_equal(window_offsets[doc_windows], offsets)
+                or np.any(np.diff(window_offsets) < 1)):
+            report.problems.append("document windows do not partition the documents' rows")
     report.checked.append("offsets")
 
     for name in _STRING_FIELDS:

@@ -45,6 +45,39 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> TokenizedTexts
     return TokenizedTexts(sequences, truncated)
 
 
+@dataclass
+class TokenizedWindows:
+    """``[CLS] window [SEP]`` token ids of every window, and how many windows each text has."""
+
+    input_ids: list[list[int]]
+    windows_per_text: list[int]
+
+    @property
+    def split_texts(self) -> int:
+        return sum(1 for count in self.windows_per_text if count > 1)
+
+
+def tokenize_windows(tokenizer, texts: Sequence[str], max_length: int,
+                     stride: int) -> TokenizedWindows:
+    """Tokenise each text as one or more ``[CLS] window [SEP]`` sequences of at most
+    ``max_length`` tokens; windows start every ``stride`` tokens, and the last one ends with
+    the text."""
+    room = max_length - 2
+    if not 1 <= stride <= room:
+        raise ValueError(f"window stride {stride} must be between 1 and {room} tokens")
+    pieces = tokenizer(
+        list(texts), add_special_tokens=False, truncation=False, return_attention_mask=False,
+        return_token_type_ids=False, verbose=False,
+    )["input_ids"]
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    sequences, counts = [], []
+    for ids in pieces:
+        starts = list(range(0, max(len(ids) - room, 0), stride)) + [max(len(ids) - room, 0)]
+        sequences.extend([cls_id, *ids[start : start + room], sep_id] for start in starts)
+        counts.append(len(starts))
+    return TokenizedWindows(sequences, counts)
+
+
 def pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"):
     """Right-pad token id lists into (ids, attention mask) tensors."""
     width = max(len(seq) for seq in sequences)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .encoding import encode_sequences, tokenize
+from .encoding import encode_sequences, tokenize, tokenize_windows
 from .first_stage import BM25_DIR, BM25FirstStage
 from .model import MiceModel, load_model
 from .sources import Document, open_documents
@@ -38,6 +38,7 @@ INDEX_FORMAT = "mice-index"
 INDEX_FORMAT_VERSION = 1
 MODES = ("create", "resume", "overwrite")
 DUPLICATE_POLICIES = ("error", "first")
+LONG_DOCUMENT_POLICIES = ("truncate", "windows")
 
 
 class MiceIndexError(RuntimeError):
@@ -194,6 +195,8 @@ def build_index(
     device: str | None = None,
     mode: str = "create",
     on_duplicate: str = "error",
+    long_documents: str = "truncate",
+    window_stride: int | None = None,
     show_progress: bool = True,
     progress_callback: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
@@ -212,6 +215,10 @@ def build_index(
             index and replace it once the new one is complete).
         on_duplicate: ``"error"`` stops at a repeated document id; ``"first"`` keeps the first
             document with that id and counts the others as skipped.
+        long_documents: what happens to a document longer than the model's maximum length:
+            ``"truncate"`` keeps its beginning; ``"windows"`` stores overlapping windows of it,
+            and search scores the document by its best window.
+        window_stride: tokens between the starts of two windows [default: half a window].
         progress_callback: called with the number of documents committed after each shard.
 
     Returns:
@@ -226,17 +233,25 @@ def build_index(
                          f"{chunk_size}")
     if on_duplicate not in DUPLICATE_POLICIES:
         raise ValueError(f"on_duplicate must be one of {DUPLICATE_POLICIES}, got {on_duplicate!r}")
+    if long_documents not in LONG_DOCUMENT_POLICIES:
+        raise ValueError(f"long_documents must be one of {LONG_DOCUMENT_POLICIES}, got "
+                         f"{long_documents!r}")
     output = Path(output)
     if not isinstance(model, MiceModel):
         model = load_model(model)
     device = resolve_device(device)
     model.to(device).eval()
 
+    if long_documents == "windows":
+        window_stride = window_stride or (model.config.doc_max_length - 2) // 2
+    else:
+        window_stride = None
     documents = open_documents(source)
     record = model_record(model)
     settings = {"source": documents.description, "model_sha256": record["sha256"],
                 "doc_max_length": model.config.doc_max_length, "chunk_size": chunk_size,
-                "on_duplicate": on_duplicate}
+                "on_duplicate": on_duplicate, "long_documents": long_documents,
+                "window_stride": window_stride}
     folder = _prepare_folder(output, mode, settings)
     shard_folder = folder / SHARDS_DIR
 
@@ -285,17 +300,17 @@ def build_index(
                     kept_positions.append(position)
                 position += 1
             texts = [document.full_text() for document in kept]
-            tokens = tokenize(model.tokenizer, texts, model.config.doc_max_length)
             tick = time.perf_counter()
-            states = encode_sequences(model, tokens.input_ids, batch_size, progress.update)
+            states, window_lengths, statistics = _encode_chunk(
+                model, texts, batch_size, window_stride, progress)
             encode_seconds += time.perf_counter() - tick
-            statistics = {"truncated_documents": tokens.truncated,
-                          "empty_documents": sum(1 for text in texts if not text),
-                          "skipped_duplicates": len(chunk) - len(kept)}
+            _check_finite(states, kept)
+            statistics["empty_documents"] = sum(1 for text in texts if not text)
+            statistics["skipped_duplicates"] = len(chunk) - len(kept)
             write_shard(shard_folder, number, kept, states, kept_positions, model.hidden_size,
-                        statistics)
+                        statistics, window_lengths)
             encoded_documents += len(kept)
-            encoded_tokens += sum(tokens.lengths)
+            encoded_tokens += sum(len(array) for array in states)
             progress.update(len(chunk) - len(kept), 0)  # skipped duplicates
             if progress_callback is not None:
                 progress_callback(position)
@@ -305,7 +320,8 @@ def build_index(
         progress.close()
 
     shards = committed_shards(shard_folder)
-    stats = dict.fromkeys(("truncated_documents", "empty_documents", "skipped_duplicates"), 0)
+    stats = dict.fromkeys(("truncated_documents", "split_documents", "empty_documents",
+                           "skipped_duplicates"), 0)
     for shard in shards:
         for key, value in shard_statistics(shard).items():
             stats[key] += value
@@ -325,8 +341,12 @@ def build_index(
         logger.warning("%d documents have no text; they are indexed as [CLS] [SEP] and BM25 "
                        "never retrieves them", stats["empty_documents"])
     if stats["truncated_documents"]:
-        logger.warning("%d documents were longer than %d tokens and were truncated",
+        logger.warning("%d documents were longer than %d tokens and were truncated (pass "
+                       "--long-documents windows to keep all of them)",
                        stats["truncated_documents"], model.config.doc_max_length)
+    if stats["split_documents"]:
+        logger.info("%d documents were longer than %d tokens and were stored as windows",
+                    stats["split_documents"], model.config.doc_max_length)
     states_bytes = (folder / STATES_FILE).stat().st_size
     manifest = {
         "format": INDEX_FORMAT,
@@ -348,7 +368,8 @@ def build_index(
         },
         "first_stage": {"bm25": {"path": BM25_DIR, **bm25.settings}},
         "counts": {"documents": store_info["documents"], "tokens": store_info["tokens"],
-                   **stats},
+                   "windows": store_info["windows"], **stats},
+        "long_documents": {"policy": long_documents, "window_stride": window_stride},
         "build": {
             "device": device,
             "batch_size": batch_size,
@@ -376,6 +397,45 @@ def build_index(
     if folder != output:
         _swap_in(folder, output)
     return manifest
+
+
+def _encode_chunk(model: MiceModel, texts: list[str], batch_size: int,
+                  window_stride: int | None, progress: _progress):
+    """Encode a chunk's texts; returns (states per text, window lengths per text or None,
+    statistics)."""
+    import numpy as np
+
+    max_length = model.config.doc_max_length
+    if window_stride is None:
+        tokens = tokenize(model.tokenizer, texts, max_length)
+        states = encode_sequences(model, tokens.input_ids, batch_size, progress.update)
+        return states, None, {"truncated_documents": tokens.truncated, "split_documents": 0}
+    windows = tokenize_windows(model.tokenizer, texts, max_length, window_stride)
+    # Batches count windows, not documents: the bar moves by documents once the chunk is done.
+    flat = encode_sequences(model, windows.input_ids, batch_size,
+                            lambda count, tokens: progress.update(0, tokens))
+    progress.update(len(texts), 0)
+    states, window_lengths, start = [], [], 0
+    for count in windows.windows_per_text:
+        parts = flat[start : start + count]
+        start += count
+        states.append(np.concatenate(parts))
+        window_lengths.append([len(part) for part in parts])
+    return states, window_lengths, {"truncated_documents": 0,
+                                    "split_documents": windows.split_texts}
+
+
+def _check_finite(states: list, documents: list[Document]) -> None:
+    """Stop before a NaN or infinite state reaches the store (float16 overflows past 65504)."""
+    import numpy as np
+
+    bad = [doc.id for doc, array in zip(documents, states) if not np.isfinite(array).all()]
+    if bad:
+        raise MiceIndexError(
+            f"the model produced NaN or infinite states for {len(bad)} documents (first: "
+            f"{bad[0]!r}); the model's weights are likely broken or its activations exceed "
+            "float16's range. Check the model before indexing"
+        )
 
 
 def _disk_error(error: OSError, folder: Path) -> Exception:

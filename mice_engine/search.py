@@ -194,29 +194,34 @@ class Searcher:
             query_states, query_mask, truncated = encode_query(self.model, query)
             timings["query_encoding"] += time.perf_counter() - tick
 
+            # Each candidate is scored by its best window (one window unless the index split
+            # long documents). Windows of similar length are batched together to pad little.
             store = self.index.store
-            lengths = store.lengths()[rows]
-            # Batches of similar length pad little; scores go back to the candidates' order.
+            windows = [(i, start, end) for i, row in enumerate(rows)
+                       for start, end in store.windows(int(row))]
+            lengths = np.array([end - start for _, start, end in windows])
             by_length = np.argsort(-lengths, kind="stable")
-            scores = np.empty(len(rows), dtype=np.float32)
-            for start in range(0, len(rows), self.batch_size):
-                batch = by_length[start : start + self.batch_size]
+            window_scores = np.empty(len(windows), dtype=np.float32)
+            for first in range(0, len(windows), self.batch_size):
+                batch = by_length[first : first + self.batch_size]
                 tick = time.perf_counter()
                 width = int(lengths[batch].max())
                 padded = np.zeros((len(batch), width, store.hidden_size), dtype=np.float16)
                 mask = np.zeros((len(batch), width), dtype=bool)
-                for slot, i in enumerate(batch):
-                    states = store.states(int(rows[i]))
-                    padded[slot, : len(states)] = states
-                    mask[slot, : len(states)] = True
+                for slot, w in enumerate(batch):
+                    _, start, end = windows[w]
+                    padded[slot, : end - start] = store.rows(start, end)
+                    mask[slot, : end - start] = True
                 doc_states = torch.from_numpy(padded).to(self.device, dtype=query_states.dtype)
                 doc_mask = torch.from_numpy(mask).to(self.device)
                 timings["load_states"] += time.perf_counter() - tick
 
                 tick = time.perf_counter()
                 logits = self.model.score_states(query_states, query_mask, doc_states, doc_mask)
-                scores[batch] = logits.float().cpu().numpy()
+                window_scores[batch] = logits.float().cpu().numpy()
                 timings["interaction"] += time.perf_counter() - tick
+            scores = np.full(len(rows), -np.inf, dtype=np.float32)
+            np.maximum.at(scores, [i for i, _, _ in windows], window_scores)
         if not np.isfinite(scores).all():
             raise FloatingPointError(f"non-finite MICE scores for query {query!r}")
         return scores, truncated

@@ -5,6 +5,11 @@ Layout of the final store (``states.h5``):
 - ``states``: (total tokens, hidden) float16, one contiguous uncompressed dataset, so that search
   can memory-map it and read a document's rows without loading the rest;
 - ``offsets``: (documents + 1,) int64, document ``i`` owns rows ``offsets[i]:offsets[i+1]``;
+- ``window_offsets`` (windows + 1,) and ``doc_windows`` (documents + 1,), int64: a document
+  longer than the model's maximum length may be stored as several windows, each its own
+  ``[CLS] ... [SEP]`` sequence. Document ``i`` owns windows ``doc_windows[i]:doc_windows[i+1]``
+  and window ``w`` owns rows ``window_offsets[w]:window_offsets[w+1]``. A document that fits is
+  one window;
 - ``doc_ids``, ``titles``, ``texts``: UTF-8 strings kept as a ``data`` byte array plus
   ``offsets``, which holds any text (HDF5's own variable-length strings stop at a NUL byte).
 
@@ -76,12 +81,15 @@ def write_shard(
     positions: Sequence[int],
     hidden_size: int,
     statistics: dict[str, int] | None = None,
+    window_lengths: Sequence[Sequence[int]] | None = None,
 ) -> Path:
     """Commit one shard: documents, their float16 states and their positions in the source.
 
     A shard may hold no document (a chunk made only of skipped duplicates), so that shard
     numbers stay aligned with the source's chunks. ``statistics`` (counts such as truncated
     documents) are kept as attributes, so that a resumed build can total them.
+    ``window_lengths`` gives, per document, the token counts of the windows whose states are
+    concatenated in its array; by default each document is one window.
     """
     if not len(documents) == len(states) == len(positions):
         raise ValueError(f"{len(documents)} documents, {len(states)} state arrays and "
@@ -90,11 +98,20 @@ def write_shard(
     final = folder / f"part-{number:06d}.h5"
     temporary = final.with_suffix(".h5.tmp")
     lengths = np.array([len(array) for array in states], dtype=np.int64)
+    if window_lengths is None:
+        window_lengths = [[length] for length in lengths.tolist()]
+    if [sum(windows) for windows in window_lengths] != lengths.tolist():
+        raise ValueError("window lengths do not add up to the documents' state lengths")
+    windows_per_document = np.array([len(windows) for windows in window_lengths], dtype=np.int64)
+    flat_window_lengths = np.array([length for windows in window_lengths for length in windows],
+                                   dtype=np.int64)
     rows = (np.concatenate(states).astype(np.float16, copy=False) if states
             else np.zeros((0, hidden_size), dtype=np.float16))
     with h5py.File(temporary, "w") as handle:
         handle.create_dataset("states", data=rows)
         handle.create_dataset("lengths", data=lengths)
+        handle.create_dataset("windows", data=windows_per_document)
+        handle.create_dataset("window_lengths", data=flat_window_lengths)
         handle.create_dataset("positions", data=np.asarray(positions, dtype=np.int64))
         _write_strings(handle, "doc_ids", [doc.id for doc in documents])
         _write_strings(handle, "titles", [doc.title for doc in documents])
@@ -143,9 +160,11 @@ def merge_shards(shards: Sequence[Path], output: Path) -> dict[str, object]:
     documents = 0
     tokens = 0
     hidden = None
+    windows = 0
     text_bytes = dict.fromkeys(_STRING_FIELDS, 0)
     for shard in shards:
         with h5py.File(shard, "r") as handle:
+            windows += handle["window_lengths"].shape[0]
             documents += handle["lengths"].shape[0]
             tokens += handle["states"].shape[0]
             hidden = handle["states"].shape[1]
@@ -157,6 +176,11 @@ def merge_shards(shards: Sequence[Path], output: Path) -> dict[str, object]:
     with h5py.File(temporary, "w") as out:
         states = out.create_dataset("states", shape=(tokens, hidden), dtype=np.float16)
         offsets = out.create_dataset("offsets", shape=(documents + 1,), dtype=np.int64)
+        window_offsets = out.create_dataset("window_offsets", shape=(windows + 1,), dtype=np.int64)
+        doc_windows = out.create_dataset("doc_windows", shape=(documents + 1,), dtype=np.int64)
+        window_offsets[0] = 0
+        doc_windows[0] = 0
+        window = 0
         strings = {}
         for name in _STRING_FIELDS:
             group = out.create_group(name)
@@ -178,6 +202,12 @@ def merge_shards(shards: Sequence[Path], output: Path) -> dict[str, object]:
                     states[row + start : row + start + len(block)] = block
                 lengths = handle["lengths"][()]
                 offsets[doc + 1 : doc + 1 + len(lengths)] = row + np.cumsum(lengths)
+                shard_windows = handle["window_lengths"][()]
+                window_offsets[window + 1 : window + 1 + len(shard_windows)] = (
+                    row + np.cumsum(shard_windows))
+                doc_windows[doc + 1 : doc + 1 + len(lengths)] = (
+                    window + np.cumsum(handle["windows"][()]))
+                window += len(shard_windows)
                 row += source.shape[0]
                 for name in _STRING_FIELDS:
                     data, string_offsets = strings[name]
@@ -190,7 +220,7 @@ def merge_shards(shards: Sequence[Path], output: Path) -> dict[str, object]:
                 doc += len(lengths)
     _sync(temporary)
     os.replace(temporary, output)
-    return {"documents": documents, "tokens": tokens, "hidden_size": hidden,
+    return {"documents": documents, "tokens": tokens, "windows": windows, "hidden_size": hidden,
             "states_sha256": digest.hexdigest()}
 
 
@@ -221,6 +251,15 @@ class StateStore:
                 f"{self.path}: offsets end at row {self.offsets[-1]} but the states hold "
                 f"{states.shape[0]} rows; rebuild the index"
             )
+        if "window_offsets" in self._file:
+            self.window_offsets = self._file["window_offsets"][()]
+            self.doc_windows = self._file["doc_windows"][()]
+        else:  # stores written before windows existed hold one window per document
+            self.window_offsets = self.offsets
+            self.doc_windows = np.arange(len(self.offsets), dtype=np.int64)
+        if self.doc_windows[-1] != len(self.window_offsets) - 1:
+            raise StoreError(f"{self.path}: document windows and window offsets disagree; "
+                             "rebuild the index")
         self.hidden_size = int(states.shape[1])
         offset = states.id.get_offset()
         if states.chunks is None and states.compression is None and offset is not None:
@@ -250,6 +289,16 @@ class StateStore:
     def states(self, position: int) -> np.ndarray:
         """(length, hidden) float16 states of the document at ``position``."""
         return np.asarray(self._states[self.offsets[position] : self.offsets[position + 1]])
+
+    def windows(self, position: int) -> list[tuple[int, int]]:
+        """(first row, end row) of each window of the document at ``position``."""
+        first, end = self.doc_windows[position], self.doc_windows[position + 1]
+        return [(int(self.window_offsets[w]), int(self.window_offsets[w + 1]))
+                for w in range(first, end)]
+
+    def rows(self, start: int, end: int) -> np.ndarray:
+        """(end - start, hidden) float16 states of rows ``start:end``."""
+        return np.asarray(self._states[start:end])
 
     def _string(self, name: str, position: int) -> str:
         offsets = self._string_offsets[name]

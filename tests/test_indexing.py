@@ -294,3 +294,87 @@ def test_one_document_collection(tiny_model, tmp_path):
     hits = searcher.search("gene", k=10).hits
     assert [hit.doc_id for hit in hits] == ["only"]
     searcher.close()
+
+
+def test_non_finite_states_stop_the_build(tiny_model, tmp_path, monkeypatch):
+    import mice_engine.indexing as indexing
+
+    real_encode = indexing.encode_sequences
+
+    def encode_with_overflow(*args, **kwargs):
+        states = real_encode(*args, **kwargs)
+        states[1][0, 0] = np.float16(np.inf)
+        return states
+
+    monkeypatch.setattr(indexing, "encode_sequences", encode_with_overflow)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [
+        {"_id": "a", "text": "cells"}, {"_id": "b", "text": "gene"},
+    ])
+    with pytest.raises(MiceIndexError, match="NaN or infinite states for 1 documents .*'b'"):
+        build_index(corpus, tmp_path / "index", model=tiny_model, show_progress=False)
+    assert not (tmp_path / "index" / "shards").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Long documents
+def test_tokenize_windows_cover_the_text():
+    from mice_engine.encoding import tokenize_windows
+
+    class Tokenizer:
+        cls_token_id, sep_token_id = 101, 102
+
+        def __call__(self, texts, **options):
+            return {"input_ids": [list(range(1, int(text) + 1)) for text in texts]}
+
+    windows = tokenize_windows(Tokenizer(), ["10", "3"], max_length=6, stride=2)
+    assert windows.windows_per_text == [4, 1]
+    assert windows.input_ids[0] == [101, 1, 2, 3, 4, 102]
+    assert windows.input_ids[3] == [101, 7, 8, 9, 10, 102]
+    assert windows.input_ids[4] == [101, 1, 2, 3, 102]
+    assert windows.split_texts == 1
+
+
+def test_windows_policy_stores_every_token(tiny_model, tmp_path):
+    from mice_engine.check import check_index
+    from mice_engine.encoding import tokenize_windows
+
+    long_text = " ".join(["cells", "protein", "gene"] * 70)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [
+        {"_id": "short", "text": "protein"}, {"_id": "long", "text": long_text},
+    ])
+    manifest = build_index(corpus, tmp_path / "index", model=tiny_model,
+                           long_documents="windows", show_progress=False)
+    expected = tokenize_windows(tiny_model.tokenizer, ["protein", long_text], 64, 31)
+    assert manifest["counts"]["split_documents"] == 1
+    assert manifest["counts"]["truncated_documents"] == 0
+    assert manifest["counts"]["windows"] == sum(expected.windows_per_text)
+    assert manifest["long_documents"] == {"policy": "windows", "window_stride": 31}
+    with StateStore(tmp_path / "index" / STATES_FILE) as store:
+        windows = store.windows(1)
+        assert len(windows) == expected.windows_per_text[1]
+        assert [end - start for start, end in windows] == [len(ids) for ids in expected.input_ids[1:]]
+        assert store.windows(0) == [(0, 3)]
+    assert check_index(tmp_path / "index").problems == []
+
+
+def test_windowed_document_scores_its_best_window(tiny_model, tmp_path):
+    from mice_engine.encoding import encode_query
+    from mice_engine.search import Searcher
+
+    long_text = " ".join(["cells", "protein", "gene", "dna", "blood"] * 40)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"_id": "long", "text": long_text}])
+    build_index(corpus, tmp_path / "index", model=tiny_model, long_documents="windows",
+                window_stride=40, show_progress=False)
+    searcher = Searcher(tmp_path / "index", model=tiny_model)
+    hit = searcher.search("gene blood", k=1).hits[0]
+    query, query_mask, _ = encode_query(tiny_model, "gene blood")
+    store = searcher.index.store
+    window_scores = []
+    for start, end in store.windows(0):
+        states = torch.from_numpy(store.rows(start, end).astype(np.float32))[None]
+        with torch.no_grad():
+            window_scores.append(float(tiny_model.score_states(query, query_mask, states,
+                                                               torch.ones(1, end - start))))
+    assert len(window_scores) > 1
+    assert hit.score == pytest.approx(max(window_scores), abs=1e-5)
+    searcher.close()

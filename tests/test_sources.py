@@ -388,6 +388,17 @@ def test_tsv_three_columns(tmp_path: Path) -> None:
     ]
 
 
+def test_tsv_quotes_and_escapes_kept_literally(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "docs.tsv", ['d1\t"quoted, text"\tline one\\nline two'])
+    assert list(open_documents(path)) == [Document("d1", '"quoted, text"', "line one\\nline two")]
+
+
+def test_very_long_id_kept(tmp_path: Path) -> None:
+    long_id = "x" * 5000 + "-007"
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"_id": long_id, "text": "body"}])
+    assert [doc.id for doc in open_documents(path)] == [long_id]
+
+
 def test_tsv_header_skipped(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "docs.tsv", ["id\ttitle\ttext", "d1\tT\tX"])
     source = open_documents(path)
