@@ -45,8 +45,10 @@ class DuplicatePolicy(str, Enum):
 
 
 def _setup_logging(quiet: bool) -> None:
+    # force=True: a command owns the process's logging, and its handler must write to the
+    # standard error of this invocation.
     logging.basicConfig(format="%(levelname)s: %(message)s", stream=sys.stderr,
-                        level=logging.WARNING)
+                        level=logging.WARNING, force=True)
     logging.getLogger("mice_engine").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
