@@ -1,10 +1,10 @@
 """Peak memory of `mice index` on SciFact and on a synthetic corpus 10 times its size.
 
 The synthetic corpus repeats each SciFact document 10 times under new ids, with its words
-shuffled (seeded), so document lengths keep SciFact's distribution. To index 51,830 documents
-in minutes on a CPU, both runs use the same small random model: BERT-shaped with hidden size 384
-(so stored states take the default model's 768 bytes per token), 2 layers split as MICE-l1+1,
-and 64-token documents. Indexing memory depends on that model's weights, the batch and the
+shuffled (seeded), so document lengths keep SciFact's distribution. Both runs use the same
+small random model, so that 51,830 documents index in minutes on a CPU. It is BERT-shaped with
+hidden size 384, so stored states take the default model's 768 bytes per token. It has 2
+layers, split as MICE-l1+1, and reads 64-token documents. Indexing memory depends on that model's weights, the batch and the
 chunk, which both runs share, so the ratio of the two peaks shows how memory grows with corpus
 size.
 

@@ -114,10 +114,16 @@ def index(
         "merge_layer": merge_layer, "interaction_layers": interaction_layers,
         "doc_max_length": doc_max_length, "query_max_length": query_max_length,
     }.items() if value is not None}
+    import signal
+
     from mice_engine.indexing import build_index
     from mice_engine.model import load_model
+    from mice_engine.sources import open_documents
 
+    # SIGTERM (from `kill` or a scheduler) ends the build like Ctrl-C, with the resume hint.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        open_documents(source)  # a missing source fails before the model loads
         mice_model = load_model(model, **options)
         if not quiet:
             typer.echo(f"model: {mice_model.config.name} from {mice_model.source}", err=True)
@@ -151,7 +157,7 @@ def index(
 @app.command()
 def search(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index folder built by `mice index`.")],
-    query: Annotated[Optional[str], typer.Argument(help="Query text (put `--` before a query that starts with '-').")] = None,
+    query: Annotated[Optional[str], typer.Argument(help="Query text. For a query that starts with '-', put every option first, then `--`, then the query.")] = None,
     queries: Annotated[Optional[str], typer.Option(help="Run a query set instead: a BEIR folder, queries .jsonl/.tsv, or irds:<id>.")] = None,
     split: Annotated[str, typer.Option(help="Split whose judged queries a BEIR folder contributes (qrels/<split>.tsv).")] = "test",
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results per query.")] = 10,
@@ -242,6 +248,10 @@ def _search_set(searcher, source, split, k, candidates, first_stage_only, output
     from mice_engine.sources import read_queries
 
     query_list = read_queries(source, split=split)
+    for item in query_list:
+        if any(character.isspace() for character in item.id):
+            raise ValueError(f"query id {item.id!r} in {source} contains whitespace, which TREC "
+                             "run files cannot hold; fix the id before searching")
     run: dict[str, list[tuple[str, float]]] = {}
     per_query = []
     empty = 0
@@ -315,6 +325,7 @@ def evaluate(
             payload["per_query"] = result.per_query
         typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
         return
+    typer.echo(f"run: {run}")
     for name, value in result.metrics.items():
         typer.echo(f"{name:<12} {value:.4f}")
     typer.echo(f"judged queries: {result.judged_queries}; missing from the run (counted as 0): "

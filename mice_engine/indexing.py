@@ -26,7 +26,7 @@ from . import __version__
 from .encoding import encode_sequences, tokenize, tokenize_windows
 from .first_stage import BM25_DIR, BM25FirstStage
 from .model import MiceModel, load_model
-from .sources import Document, open_documents
+from .sources import Document, SourceError, open_documents
 from .store import (SHARDS_DIR, STATES_FILE, StateStore, committed_shards, merge_shards,
                     read_shard_ids, shard_statistics, write_shard)
 
@@ -51,6 +51,10 @@ def resolve_device(device: str | None) -> str:
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise MiceIndexError(f"invalid device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MiceIndexError(f"device {device!r} was requested but PyTorch sees no CUDA GPU; "
                          "use --device cpu")
@@ -96,6 +100,8 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     """Read an index's manifest, or explain why the folder is no complete index."""
     folder = Path(folder)
     manifest = folder / MANIFEST_FILE
+    if folder.exists() and not folder.is_dir():
+        raise MiceIndexError(f"{folder} is a file, not an index folder")
     if not folder.is_dir():
         raise MiceIndexError(f"index {folder} does not exist; build it with `mice index SOURCE "
                          f"--output {folder}`")
@@ -107,7 +113,11 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
                 "with --overwrite"
             )
         raise MiceIndexError(f"{folder} is not a mice index: it has no {MANIFEST_FILE}")
-    values = json.loads(manifest.read_text())
+    try:
+        values = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MiceIndexError(f"{manifest} is not valid JSON ({error}); the index is damaged, "
+                             "rebuild it with --overwrite") from None
     if values.get("format") != INDEX_FORMAT:
         raise MiceIndexError(f"{manifest} is not a mice index manifest")
     if values.get("format_version", 0) > INDEX_FORMAT_VERSION:
@@ -144,12 +154,45 @@ def _chunks(documents: Iterator[Document], size: int) -> Iterator[list[Document]
         yield chunk
 
 
-def _prepare_folder(output: Path, mode: str, settings: dict[str, Any]) -> Path:
-    """Check ``output`` against ``mode`` and return the folder to build in."""
+def check_output_folder(output: Path, mode: str) -> None:
+    """Raise if ``mode`` may not build at ``output``; writes nothing, so it can run before the
+    model loads."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if output.exists() and not output.is_dir():
+        raise MiceIndexError(f"{output} exists and is not a folder; choose another --output")
     complete = (output / MANIFEST_FILE).is_file()
     partial = (output / BUILD_FILE).is_file() and not complete
+    is_empty = not output.exists() or not any(output.iterdir())
+    if mode == "overwrite":
+        if not (complete or partial or is_empty):
+            raise MiceIndexError(
+                f"{output} is not a mice index (it has no {MANIFEST_FILE}); --overwrite only "
+                "replaces an index, so choose another --output folder"
+            )
+        if output.parent == output or output.resolve() == Path.cwd().resolve():
+            raise MiceIndexError(f"cannot replace {output} in place; give its path from its "
+                                 "parent folder, or choose another --output")
+        return
+    if mode == "resume":
+        if complete:
+            raise MiceIndexError(f"index {output} is already complete; nothing to resume "
+                                 "(pass --overwrite to rebuild it)")
+        if not partial:
+            raise MiceIndexError(f"{output} holds no unfinished build to resume; drop --resume")
+        return
+    if complete:
+        raise MiceIndexError(f"index {output} already exists; pass --overwrite to replace it")
+    if partial:
+        raise MiceIndexError(f"{output} holds an unfinished build; pass --resume to continue it "
+                             "or --overwrite to start again")
+    if not is_empty:
+        raise MiceIndexError(f"{output} exists and is not empty; choose another --output folder")
+
+
+def _prepare_folder(output: Path, mode: str, settings: dict[str, Any]) -> Path:
+    """Check ``output`` against ``mode`` and return the folder to build in."""
+    check_output_folder(output, mode)
     if mode == "overwrite":
         # Build beside the old index and swap only once the new one is complete.
         staging = output.with_name(f".{output.name}.building")
@@ -159,27 +202,15 @@ def _prepare_folder(output: Path, mode: str, settings: dict[str, Any]) -> Path:
         _write_json_atomic(staging / BUILD_FILE, settings)
         return staging
     if mode == "resume":
-        if complete:
-            raise MiceIndexError(f"index {output} is already complete; nothing to resume "
-                             "(pass --overwrite to rebuild it)")
-        if not partial:
-            raise MiceIndexError(f"{output} holds no unfinished build to resume; drop --resume")
         previous = json.loads((output / BUILD_FILE).read_text())
-        changed = [key for key in settings if previous.get(key) != settings[key]]
+        changed = [f"{key}: {previous.get(key)!r} then, {settings[key]!r} now"
+                   for key in settings if previous.get(key) != settings[key]]
         if changed:
             raise MiceIndexError(
                 f"cannot resume {output}: the build was started with other settings "
-                f"({', '.join(changed)} differ). Resume with the original settings or pass "
-                "--overwrite"
+                f"({'; '.join(changed)}). Resume with the original settings or pass --overwrite"
             )
         return output
-    if complete:
-        raise MiceIndexError(f"index {output} already exists; pass --overwrite to replace it")
-    if partial:
-        raise MiceIndexError(f"{output} holds an unfinished build; pass --resume to continue it "
-                         "or --overwrite to start again")
-    if output.exists() and any(output.iterdir()):
-        raise MiceIndexError(f"{output} exists and is not empty; choose another --output folder")
     output.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(output / BUILD_FILE, settings)
     return output
@@ -236,7 +267,11 @@ def build_index(
     if long_documents not in LONG_DOCUMENT_POLICIES:
         raise ValueError(f"long_documents must be one of {LONG_DOCUMENT_POLICIES}, got "
                          f"{long_documents!r}")
-    output = Path(output)
+    output = Path(output).resolve()
+    if not str(source).startswith("irds:"):
+        source = os.path.abspath(source)
+    documents = open_documents(source)  # a missing or unreadable source fails before the model loads
+    check_output_folder(output, mode)
     if not isinstance(model, MiceModel):
         model = load_model(model)
     device = resolve_device(device)
@@ -246,13 +281,41 @@ def build_index(
         window_stride = window_stride or (model.config.doc_max_length - 2) // 2
     else:
         window_stride = None
-    documents = open_documents(source)
     record = model_record(model)
     settings = {"source": documents.description, "model_sha256": record["sha256"],
                 "doc_max_length": model.config.doc_max_length, "chunk_size": chunk_size,
                 "on_duplicate": on_duplicate, "long_documents": long_documents,
                 "window_stride": window_stride}
     folder = _prepare_folder(output, mode, settings)
+    try:
+        return _build(documents, folder, output, model, record, settings, batch_size,
+                      chunk_size, device, on_duplicate, window_stride, show_progress,
+                      progress_callback)
+    except (SourceError, MiceIndexError, ValueError):
+        # Bad input fails the same way on every attempt, so nothing here can be resumed: remove
+        # what this build wrote. Interruptions and disk errors keep their shards for --resume.
+        if mode != "resume":
+            _remove_build(folder, output)
+        raise
+
+
+def _remove_build(folder: Path, output: Path) -> None:
+    if folder != output:  # the staging folder of --overwrite
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    shutil.rmtree(folder / SHARDS_DIR, ignore_errors=True)
+    for name in (BUILD_FILE, STATES_FILE):
+        (folder / name).unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict[str, Any],
+           settings: dict[str, Any], batch_size: int, chunk_size: int, device: str,
+           on_duplicate: str, window_stride: int | None, show_progress: bool,
+           progress_callback: Callable[[int], None] | None) -> dict[str, Any]:
+    """Encode, commit, merge and finish a build that :func:`build_index` has prepared."""
+    long_documents = settings["long_documents"]
     shard_folder = folder / SHARDS_DIR
 
     # A resumed build replays the committed chunks without encoding them, checking that the
@@ -285,12 +348,19 @@ def build_index(
                 continue
             kept, kept_positions = [], []
             for document in chunk:
+                if any(character.isspace() for character in document.id):
+                    raise MiceIndexError(
+                        f"document id {document.id!r} (document {position + 1} of "
+                        f"{documents.description}) contains whitespace, which TREC run files "
+                        "cannot hold; fix the id in the source"
+                    )
                 if document.id in seen:
                     if on_duplicate == "error":
                         raise MiceIndexError(
                             f"document id {document.id!r} appears twice in "
                             f"{documents.description} (documents {seen[document.id] + 1} and "
-                            f"{position + 1}); pass --on-duplicate first to keep the first one"
+                            f"{position + 1}); fix the source, or pass --on-duplicate first to "
+                            "keep the first one"
                         )
                     logger.warning("skipping document %d: id %r repeats document %d",
                                    position + 1, document.id, seen[document.id] + 1)

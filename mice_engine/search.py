@@ -67,7 +67,11 @@ class Index:
                 f"index {self.folder}: the manifest lists {self.manifest['counts']['documents']} "
                 f"documents but the store holds {len(self.store)}; rebuild it with --overwrite"
             )
-        self.bm25 = BM25FirstStage.load(self.folder / BM25_DIR)
+        try:
+            self.bm25 = BM25FirstStage.load(self.folder / BM25_DIR)
+        except (OSError, ValueError) as error:
+            raise MiceIndexError(f"index {self.folder}: the BM25 index in {BM25_DIR}/ cannot be "
+                                 f"read ({error}); rebuild the index with --overwrite") from None
         if self.bm25.num_documents != len(self.store):
             raise MiceIndexError(
                 f"index {self.folder}: BM25 covers {self.bm25.num_documents} documents but the "
@@ -140,11 +144,7 @@ class Searcher:
         self.model = self.index.load_model(model).to(self.device).eval()
         self.batch_size = batch_size
         self._torch = torch
-        if not self.model.config.trained:
-            logger.warning(
-                "the MICE head of this model is untrained, so its ranking is close to random; "
-                "use --first-stage-only for the BM25 ranking, or a trained model"
-            )
+        self._warned_untrained = False
 
     def search(self, query: str, k: int = 10, candidates: int = 100,
                first_stage_only: bool = False, with_text: bool = False) -> SearchResult:
@@ -189,6 +189,12 @@ class Searcher:
         from .encoding import encode_query
 
         torch = self._torch
+        if not self.model.config.trained and not self._warned_untrained:
+            logger.warning(
+                "the MICE head of this model is untrained, so its ranking is close to random; "
+                "use --first-stage-only for the BM25 ranking, or a trained model"
+            )
+            self._warned_untrained = True
         with torch.inference_mode():
             tick = time.perf_counter()
             query_states, query_mask, truncated = encode_query(self.model, query)

@@ -237,7 +237,12 @@ class StateStore:
         self.path = Path(path)
         if not self.path.is_file():
             raise StoreError(f"state store {self.path} is missing")
-        self._file = h5py.File(self.path, "r")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as error:
+            raise StoreError(f"state store {self.path} cannot be read as HDF5 ({error}); the "
+                             "file is damaged or incomplete, rebuild the index with --overwrite"
+                             ) from None
         states = self._file["states"]
         self.offsets = self._file["offsets"][()]
         self.doc_ids = _read_all_strings(self._file["doc_ids"])

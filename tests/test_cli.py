@@ -82,11 +82,19 @@ def test_search_json_lists_hits_and_untrained_flag(adi_index):
     assert "untrained" in result.stderr
 
 
+def test_search_query_starting_with_dash(adi_index):
+    result = invoke("search", adi_index, "--format", "json", "-k", "3", "--",
+                    "-computer indexing")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["query"] == "-computer indexing"
+
+
 def test_search_text_prints_table(adi_index):
     result = invoke("search", adi_index, "computer indexing", "-k", "3", "--first-stage-only")
     assert result.exit_code == 0, result.output
     assert "BM25: 3 of" in result.stdout
     assert "doc id" in result.stdout
+    assert "untrained" not in result.stderr
 
 
 def test_query_set_run_and_eval_agree_with_api(adi_index, tmp_path):

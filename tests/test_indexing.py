@@ -181,13 +181,14 @@ def test_empty_and_long_documents_are_indexed_and_counted(tiny_model, tmp_path):
         {"_id": "007", "title": "", "text": ""},
         {"_id": "long", "text": " ".join(["cells"] * 200)},
         {"_id": "é-文", "text": "protein"},
+        {"_id": "blank", "title": " \t", "text": "\n  "},
     ])
     manifest = build_index(corpus, tmp_path / "index", model=tiny_model, show_progress=False)
-    assert manifest["counts"]["empty_documents"] == 1
+    assert manifest["counts"]["empty_documents"] == 2
     assert manifest["counts"]["truncated_documents"] == 1
     with StateStore(tmp_path / "index" / STATES_FILE) as store:
-        assert store.doc_ids == ["007", "long", "é-文"]
-        assert store.lengths().tolist() == [2, 64, 3]
+        assert store.doc_ids == ["007", "long", "é-文", "blank"]
+        assert store.lengths().tolist() == [2, 64, 3, 2]
 
 
 def test_empty_corpus_is_rejected(tiny_model, tmp_path):
@@ -378,3 +379,66 @@ def test_windowed_document_scores_its_best_window(tiny_model, tmp_path):
     assert len(window_scores) > 1
     assert hit.score == pytest.approx(max(window_scores), abs=1e-5)
     searcher.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Output folders and failed builds
+def test_overwrite_refuses_folder_that_is_no_index(tiny_model, tmp_path):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "chapter.txt").write_text("keep me")
+    with pytest.raises(MiceIndexError, match="not a mice index .* choose another --output"):
+        build_index(shared_collection("adi"), folder, model=tiny_model, mode="overwrite",
+                    show_progress=False)
+    assert (folder / "chapter.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]
+
+
+def test_output_that_is_a_file_is_rejected(tiny_model, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    for mode in ("create", "overwrite"):
+        with pytest.raises(MiceIndexError, match="is not a folder"):
+            build_index(shared_collection("adi"), target, model=tiny_model, mode=mode,
+                        show_progress=False)
+    assert target.read_text() == "keep me"
+
+
+def test_failed_build_leaves_nothing_to_block_a_rerun(tiny_model, tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [
+        {"_id": "a", "text": "cells"}, {"_id": "a", "text": "gene"},
+    ])
+    with pytest.raises(MiceIndexError, match="appears twice"):
+        build_index(corpus, tmp_path / "index", model=tiny_model, show_progress=False)
+    assert not (tmp_path / "index").exists()
+    manifest = build_index(corpus, tmp_path / "index", model=tiny_model, on_duplicate="first",
+                           show_progress=False)
+    assert manifest["counts"]["documents"] == 1
+
+
+def test_whitespace_in_document_id_is_rejected(tiny_model, tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"_id": "a b", "text": "cells"}])
+    with pytest.raises(MiceIndexError, match="'a b' .* contains whitespace"):
+        build_index(corpus, tmp_path / "index", model=tiny_model, show_progress=False)
+
+
+def test_resume_accepts_relative_and_absolute_paths(tiny_model, tmp_path, monkeypatch):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl",
+                         [{"_id": str(i), "text": "cells gene"} for i in range(30)])
+
+    def stop(position):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        build_index(corpus, tmp_path / "index", model=tiny_model, chunk_size=10,
+                    show_progress=False, progress_callback=stop)
+    monkeypatch.chdir(tmp_path)
+    manifest = build_index("corpus.jsonl", "index", model=tiny_model, chunk_size=10,
+                           mode="resume", show_progress=False)
+    assert manifest["counts"]["documents"] == 30
+
+
+def test_invalid_device_is_rejected(tiny_model, tmp_path):
+    with pytest.raises(MiceIndexError, match="invalid device 'gpu'"):
+        build_index(shared_collection("adi"), tmp_path / "index", model=tiny_model,
+                    device="gpu", show_progress=False)
