@@ -45,6 +45,10 @@ class MiceIndexError(RuntimeError):
     """An index folder that cannot be built, resumed or opened as asked."""
 
 
+class DiskFullError(MiceIndexError):
+    """The disk filled up during a build; the committed shards are kept for ``--resume``."""
+
+
 def resolve_device(device: str | None) -> str:
     """``None`` or ``"auto"`` picks CUDA when PyTorch sees a GPU, else the CPU."""
     import torch
@@ -291,6 +295,8 @@ def build_index(
         return _build(documents, folder, output, model, record, settings, batch_size,
                       chunk_size, device, on_duplicate, window_stride, show_progress,
                       progress_callback)
+    except DiskFullError:
+        raise
     except (SourceError, MiceIndexError, ValueError):
         # Bad input fails the same way on every attempt, so nothing here can be resumed: remove
         # what this build wrote. Interruptions and disk errors keep their shards for --resume.
@@ -512,7 +518,7 @@ def _disk_error(error: OSError, folder: Path) -> Exception:
     """A clear error for a full disk; other OS errors pass through unchanged."""
     if error.errno not in (errno.ENOSPC, errno.EDQUOT):
         return error
-    return MiceIndexError(
+    return DiskFullError(
         f"disk full while building {folder} ({error.strerror}). The shards committed so far are "
         "kept: free some space, then rerun the same command with --resume"
     )

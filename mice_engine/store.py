@@ -20,9 +20,12 @@ temporary name, flushed, synced and renamed, so a killed build leaves only whole
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,6 +69,32 @@ def _read_all_strings(group: h5py.Group) -> list[str]:
     return [data[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
 
 
+def _require_space(folder: Path, needed: int) -> None:
+    """Raise ENOSPC before writing ``needed`` bytes into ``folder`` when they cannot fit."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise OSError(errno.ENOSPC, f"{needed:,} bytes are needed in {folder} but only "
+                                    f"{free:,} are free")
+
+
+@contextlib.contextmanager
+def _writing(temporary: Path):
+    """Remove ``temporary`` if writing it fails, and report a full disk as OSError(ENOSPC).
+
+    HDF5 reports a failed write as a RuntimeError whose message holds the errno, so a full disk
+    would otherwise not be recognisable.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno is not None:
+            raise
+        if "errno = 28" in str(error) or "No space left" in str(error):
+            raise OSError(errno.ENOSPC, f"no space left while writing {temporary}") from error
+        raise
+
+
 def _sync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -107,7 +136,9 @@ def write_shard(
                                    dtype=np.int64)
     rows = (np.concatenate(states).astype(np.float16, copy=False) if states
             else np.zeros((0, hidden_size), dtype=np.float16))
-    with h5py.File(temporary, "w") as handle:
+    _require_space(folder, rows.nbytes + sum(len(doc.text) + len(doc.title) + len(doc.id)
+                                             for doc in documents) * 4 + (1 << 20))
+    with _writing(temporary), h5py.File(temporary, "w") as handle:
         handle.create_dataset("states", data=rows)
         handle.create_dataset("lengths", data=lengths)
         handle.create_dataset("windows", data=windows_per_document)
@@ -172,8 +203,11 @@ def merge_shards(shards: Sequence[Path], output: Path) -> dict[str, object]:
                 text_bytes[name] += handle[name]["data"].shape[0]
 
     temporary = output.with_suffix(".h5.tmp")
+    temporary.unlink(missing_ok=True)
+    _require_space(output.parent, tokens * hidden * 2 + sum(text_bytes.values())
+                   + 24 * (documents + windows) + (1 << 20))
     digest = hashlib.sha256()
-    with h5py.File(temporary, "w") as out:
+    with _writing(temporary), h5py.File(temporary, "w") as out:
         states = out.create_dataset("states", shape=(tokens, hidden), dtype=np.float16)
         offsets = out.create_dataset("offsets", shape=(documents + 1,), dtype=np.int64)
         window_offsets = out.create_dataset("window_offsets", shape=(windows + 1,), dtype=np.int64)

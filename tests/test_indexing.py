@@ -442,3 +442,36 @@ def test_invalid_device_is_rejected(tiny_model, tmp_path):
     with pytest.raises(MiceIndexError, match="invalid device 'gpu'"):
         build_index(shared_collection("adi"), tmp_path / "index", model=tiny_model,
                     device="gpu", show_progress=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 200 KiB tmpfs mounted under tmp_path; needs root, skips elsewhere."""
+    import subprocess
+
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs",
+                              str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_real_full_disk_then_resume_after_growing_it(tiny_model, small_disk, tmp_path):
+    import subprocess
+
+    adi = shared_collection("adi")
+    clean = build_index(adi, tmp_path / "clean", model=tiny_model, chunk_size=10,
+                        show_progress=False)
+    with pytest.raises(MiceIndexError, match="disk full"):
+        build_index(adi, small_disk / "index", model=tiny_model, chunk_size=10,
+                    show_progress=False)
+    assert (small_disk / "index" / BUILD_FILE).is_file()
+    assert not (small_disk / "index" / MANIFEST_FILE).exists()
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
+    resumed = build_index(adi, small_disk / "index", model=tiny_model, chunk_size=10,
+                          mode="resume", show_progress=False)
+    assert resumed["states"]["sha256"] == clean["states"]["sha256"]
+    assert resumed["counts"] == clean["counts"]
