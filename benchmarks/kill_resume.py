@@ -39,6 +39,8 @@ def main() -> None:
                         help="earliest kill after a start (the model takes seconds to load)")
     parser.add_argument("--max-seconds", type=float, default=240.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--queries-limit", type=int, default=None,
+                        help="compare the top-10 of the first N queries only [all]")
     parser.add_argument("--clean-run", type=Path, default=None,
                         help="TREC run of BM25 > MICE on the clean index (from pipeline.py); "
                              "saves searching the clean index again")
@@ -85,7 +87,7 @@ def main() -> None:
     with StateStore(args.index / STATES_FILE) as a, StateStore(args.clean / STATES_FILE) as b:
         same_ids = a.doc_ids == b.doc_ids
         same_offsets = bool((a.offsets == b.offsets).all())
-    queries = read_queries(args.collection)
+    queries = read_queries(args.collection)[: args.queries_limit]
     tops = []
     for folder in (args.index, args.clean):
         if folder == args.clean and args.clean_run is not None:

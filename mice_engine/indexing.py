@@ -254,7 +254,8 @@ def build_index(
             ``"truncate"`` keeps its beginning; ``"windows"`` stores overlapping windows of it,
             and search scores the document by its best window.
         window_stride: tokens between the starts of two windows [default: half a window].
-        progress_callback: called with the number of documents committed after each shard.
+        progress_callback: called after each committed shard with the number of documents
+            read from the source so far.
 
     Returns:
         The manifest, as written to ``manifest.json``.
@@ -391,7 +392,8 @@ def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict
             if progress_callback is not None:
                 progress_callback(position)
     except OSError as error:
-        raise _disk_error(error, folder) from error
+        _raise_if_disk_full(error, folder)
+        raise
     finally:
         progress.close()
 
@@ -410,7 +412,8 @@ def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict
         bm25 = BM25FirstStage.build(texts, show_progress=show_progress)
         bm25.save(folder / BM25_DIR)
     except OSError as error:
-        raise _disk_error(error, folder) from error
+        _raise_if_disk_full(error, folder)
+        raise
     elapsed = time.perf_counter() - started
 
     if stats["empty_documents"]:
@@ -514,14 +517,14 @@ def _check_finite(states: list, documents: list[Document]) -> None:
         )
 
 
-def _disk_error(error: OSError, folder: Path) -> Exception:
-    """A clear error for a full disk; other OS errors pass through unchanged."""
+def _raise_if_disk_full(error: OSError, folder: Path) -> None:
+    """Turn a full disk into a DiskFullError that says how to continue."""
     if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return error
-    return DiskFullError(
+        return
+    raise DiskFullError(
         f"disk full while building {folder} ({error.strerror}). The shards committed so far are "
         "kept: free some space, then rerun the same command with --resume"
-    )
+    ) from error
 
 
 def _swap_in(staging: Path, output: Path) -> None:
