@@ -456,7 +456,7 @@ def small_disk(tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
     yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
+    subprocess.run(["umount", str(mount_point)], check=False)
 
 
 def test_real_full_disk_then_resume_after_growing_it(tiny_model, small_disk, tmp_path):
