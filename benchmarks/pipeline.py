@@ -6,7 +6,7 @@ It measures, in one run on one machine:
 - nDCG@10, RR@10 and R@100 of the BM25 ranking and of BM25 followed by MICE;
 - per-query latency (p50, p95) of each stage.
 
-The JSON record it writes holds the hardware, library versions and git commit beside the numbers.
+The JSON record it writes contains the hardware, library versions and git commit beside the numbers.
 
 Usage:
     python benchmarks/pipeline.py ../shared/data/scifact --name scifact

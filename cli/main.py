@@ -1,6 +1,6 @@
 """The ``mice`` command: a thin Typer layer over the :mod:`mice_engine` Python API.
 
-Only typer and the standard library load at start-up; torch, transformers, h5py and bm25s load
+Only typer and the standard library load at start-up. Torch, transformers, h5py and bm25s load
 inside the commands that need them, so ``mice --help`` and argument errors return at once.
 """
 
@@ -108,6 +108,11 @@ def index(
     _setup_logging(quiet)
     if resume and overwrite:
         raise _fail(ValueError("--resume and --overwrite exclude each other; pass one"))
+    build_mode = "create"
+    if resume:
+        build_mode = "resume"
+    elif overwrite:
+        build_mode = "overwrite"
     if output is None:
         output = Path("indexes") / _default_index_name(source)
     options = {key: value for key, value in {
@@ -129,7 +134,7 @@ def index(
             typer.echo(f"model: {mice_model.config.name} from {mice_model.source}", err=True)
         manifest = build_index(
             source, output, model=mice_model, batch_size=batch_size, chunk_size=chunk_size,
-            device=device, mode="resume" if resume else "overwrite" if overwrite else "create",
+            device=device, mode=build_mode,
             on_duplicate=on_duplicate.value, long_documents=long_documents.value,
             window_stride=window_stride, show_progress=not quiet,
         )

@@ -60,7 +60,7 @@ class TokenizedWindows:
 def tokenize_windows(tokenizer, texts: Sequence[str], max_length: int,
                      stride: int) -> TokenizedWindows:
     """Tokenise each text as one or more ``[CLS] window [SEP]`` sequences of at most
-    ``max_length`` tokens; windows start every ``stride`` tokens, and the last one ends with
+    ``max_length`` tokens. Windows start every ``stride`` tokens, and the last one ends with
     the text."""
     room = max_length - 2
     if not 1 <= stride <= room:

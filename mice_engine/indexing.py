@@ -165,9 +165,11 @@ def check_output_folder(output: Path, mode: str) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if output.exists() and not output.is_dir():
         raise MiceIndexError(f"{output} exists and is not a folder; choose another --output")
+
     complete = (output / MANIFEST_FILE).is_file()
     partial = (output / BUILD_FILE).is_file() and not complete
     is_empty = not output.exists() or not any(output.iterdir())
+
     if mode == "overwrite":
         if not (complete or partial or is_empty):
             raise MiceIndexError(
@@ -250,8 +252,8 @@ def build_index(
             index and replace it once the new one is complete).
         on_duplicate: ``"error"`` stops at a repeated document id; ``"first"`` keeps the first
             document with that id and counts the others as skipped.
-        long_documents: what happens to a document longer than the model's maximum length:
-            ``"truncate"`` keeps its beginning; ``"windows"`` stores overlapping windows of it,
+        long_documents: the policy for a document longer than the model's maximum length.
+            ``"truncate"`` keeps its beginning. ``"windows"`` stores overlapping windows of it,
             and search scores the document by its best window.
         window_stride: tokens between the starts of two windows [default: half a window].
         progress_callback: called after each committed shard with the number of documents
@@ -518,7 +520,7 @@ def _check_finite(states: list, documents: list[Document]) -> None:
 
 
 def _raise_if_disk_full(error: OSError, folder: Path) -> None:
-    """Raise a DiskFullError, which tells how to continue, when ``error`` is a full disk."""
+    """Raise a DiskFullError with the resume hint when ``error`` is a full disk."""
     if error.errno not in (errno.ENOSPC, errno.EDQUOT):
         return
     raise DiskFullError(

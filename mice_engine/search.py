@@ -1,8 +1,7 @@
 """Query time: BM25 candidates, their stored states, MICE interaction scoring, ranking.
 
-Rankings are sorted by descending score; equal scores are ordered by descending document id,
-which is the order trec_eval and ir_measures give them, so a written run and its evaluation
-always agree on ranks.
+Rankings are sorted by descending score. Equal scores are ordered by descending document id,
+which is trec_eval's order, so a written run and its evaluation agree on ranks.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Layout of the final store (``states.h5``):
   and window ``w`` owns rows ``window_offsets[w]:window_offsets[w+1]``. A document that fits is
   one window;
 - ``doc_ids``, ``titles``, ``texts``: UTF-8 strings kept as a ``data`` byte array plus
-  ``offsets``, which holds any text (HDF5's own variable-length strings stop at a NUL byte).
+  ``offsets``, which can store any text (HDF5's own variable-length strings stop at a NUL byte).
 
 During a build, documents are committed in shards (``shards/part-NNNNNN.h5``), each written to a
 temporary name, flushed, synced and renamed, so a killed build leaves only whole shards behind.
@@ -278,6 +278,7 @@ class StateStore:
                              "file is damaged or incomplete, rebuild the index with --overwrite"
                              ) from None
         states = self._file["states"]
+
         self.offsets = self._file["offsets"][()]
         self.doc_ids = _read_all_strings(self._file["doc_ids"])
         if len(self.doc_ids) != len(self.offsets) - 1:
@@ -300,6 +301,7 @@ class StateStore:
             raise StoreError(f"{self.path}: document windows and window offsets disagree; "
                              "rebuild the index")
         self.hidden_size = int(states.shape[1])
+
         offset = states.id.get_offset()
         if states.chunks is None and states.compression is None and offset is not None:
             self._states = np.memmap(self.path, dtype=np.float16, mode="r", offset=offset,

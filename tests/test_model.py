@@ -25,8 +25,8 @@ ATOL = 1e-5
 
 def reference_masks(query_mask: torch.Tensor, doc_mask: torch.Tensor):
     """Additive masks in Hugging Face's extended form, written out entry by entry from the MICE
-    rules: query self-attention sees non-padding query tokens, and rows other than [CLS] never
-    see [CLS]; cross-attention sees non-padding document tokens."""
+    rules. Query self-attention reads non-padding query tokens, and rows other than [CLS] never
+    read [CLS]. Cross-attention reads non-padding document tokens."""
     blocked = torch.finfo(torch.float32).min
     batch, lq = query_mask.shape
     self_mask = torch.zeros(batch, 1, lq, lq)
