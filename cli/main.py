@@ -11,7 +11,7 @@ import logging
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -88,12 +88,12 @@ def _default_index_name(source: str) -> str:
 @app.command()
 def index(
     source: Annotated[str, typer.Argument(help="BEIR folder, .jsonl[.gz]/.tsv corpus file, or irds:<ir_datasets id>.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Index folder to create [default: indexes/<source name>].")] = None,
-    model: Annotated[Optional[str], typer.Option(help="MICE model folder, or a BERT-family backbone folder or Hugging Face id [default: all-MiniLM-L6-v2 as MICE-l3+3, untrained head].")] = None,
-    merge_layer: Annotated[Optional[int], typer.Option(help="X in MICE-lX+Y: number of lower layers (backbone models only) [default: 3].")] = None,
-    interaction_layers: Annotated[Optional[int], typer.Option(help="Y in MICE-lX+Y: number of interaction layers (backbone models only) [default: 3].")] = None,
-    doc_max_length: Annotated[Optional[int], typer.Option(help="Maximum document length in tokens, [CLS] and [SEP] included (backbone models only) [default: 512].")] = None,
-    query_max_length: Annotated[Optional[int], typer.Option(help="Maximum query length in tokens (backbone models only) [default: 64].")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Index folder to create [default: indexes/<source name>].")] = None,
+    model: Annotated[str | None, typer.Option(help="MICE model folder, `default`, or a BERT-family backbone folder or Hugging Face id (untrained head) [default: the shipped MICE-l3+3 trained on SciFact; with a layer or length option: all-MiniLM-L6-v2].")] = None,
+    merge_layer: Annotated[int | None, typer.Option(help="X in MICE-lX+Y: number of lower layers (backbone models only) [default: 3].")] = None,
+    interaction_layers: Annotated[int | None, typer.Option(help="Y in MICE-lX+Y: number of interaction layers (backbone models only) [default: 3].")] = None,
+    doc_max_length: Annotated[int | None, typer.Option(help="Maximum document length in tokens, [CLS] and [SEP] included (backbone models only) [default: 512].")] = None,
+    query_max_length: Annotated[int | None, typer.Option(help="Maximum query length in tokens (backbone models only) [default: 64].")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Documents per forward pass.")] = 32,
     chunk_size: Annotated[int, typer.Option(min=1, help="Documents per committed shard (the unit that --resume restarts from).")] = 2048,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (the GPU when PyTorch sees one).")] = "auto",
@@ -101,7 +101,7 @@ def index(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild an existing index; the old one is replaced only when the new one is complete.")] = False,
     on_duplicate: Annotated[DuplicatePolicy, typer.Option(help="What a repeated document id does: stop with an error, or keep the first document with that id.")] = DuplicatePolicy.error,
     long_documents: Annotated[LongDocumentPolicy, typer.Option(help="Documents longer than the maximum length: keep their beginning (truncate), or store overlapping windows and score each document by its best window.")] = LongDocumentPolicy.truncate,
-    window_stride: Annotated[Optional[int], typer.Option(min=1, help="Tokens between the starts of two windows [default: half the maximum length].")] = None,
+    window_stride: Annotated[int | None, typer.Option(min=1, help="Tokens between the starts of two windows [default: half the maximum length].")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
 ) -> None:
     """Encode every document through the lower MICE layers and store its per-token states."""
@@ -162,19 +162,20 @@ def index(
 @app.command()
 def search(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index folder built by `mice index`.")],
-    query: Annotated[Optional[str], typer.Argument(help="Query text. For a query that starts with '-', put every option first, then `--`, then the query.")] = None,
-    queries: Annotated[Optional[str], typer.Option(help="Run a query set instead: a BEIR folder, queries .jsonl/.tsv, or irds:<id>.")] = None,
+    query: Annotated[str | None, typer.Argument(help="Query text. For a query that starts with '-', put every option first, then `--`, then the query.")] = None,
+    queries: Annotated[str | None, typer.Option(help="Run a query set instead: a BEIR folder, queries .jsonl/.tsv, or irds:<id>.")] = None,
     split: Annotated[str, typer.Option(help="Split whose judged queries a BEIR folder contributes (qrels/<split>.tsv).")] = "test",
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results per query.")] = 10,
     candidates: Annotated[int, typer.Option(min=1, help="BM25 candidates re-scored by MICE per query.")] = 100,
     first_stage_only: Annotated[bool, typer.Option("--first-stage-only", help="Return the BM25 ranking itself, without MICE.")] = False,
     output_format: Annotated[OutputFormat, typer.Option("--format", help="text (a readable table) or json.")] = OutputFormat.text,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="TREC run file to write for --queries ('-' for standard output).")] = None,
-    tag: Annotated[Optional[str], typer.Option(help="Run tag in the TREC file [default: mice or bm25].")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Score with this model instead of the index's own (its lower layers must be identical).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="TREC run file to write for --queries ('-' for standard output).")] = None,
+    tag: Annotated[str | None, typer.Option(help="Run tag in the TREC file [default: mice or bm25].")] = None,
+    model: Annotated[str | None, typer.Option(help="Score with this model instead of the index's own (its lower layers must be identical).")] = None,
+    fusion: Annotated[bool, typer.Option("--fusion/--no-fusion", help="Blend MICE with BM25 scores when the model carries a tuned blend weight (the shipped default does); --no-fusion ranks by MICE alone.")] = True,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Candidates scored per forward pass.")] = 64,
-    timings: Annotated[Optional[Path], typer.Option(help="Write per-query stage timings and their p50/p95 as JSON to this file.")] = None,
+    timings: Annotated[Path | None, typer.Option(help="Write per-query stage timings and their p50/p95 as JSON to this file.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
 ) -> None:
     """Search an index with one query, or run a whole query set into a TREC run file."""
@@ -188,9 +189,13 @@ def search(
     from mice_engine.search import Searcher
 
     try:
-        searcher = Searcher(index_dir, model=model, device=device, batch_size=batch_size)
+        searcher = Searcher(index_dir, model=model, device=device, batch_size=batch_size,
+                            fusion=fusion)
     except _expected_errors() as error:
         raise _fail(error) from None
+    if searcher.fusion_weight is not None and not first_stage_only and not quiet:
+        typer.echo(f"ranking: MICE blended with BM25 (weight {searcher.fusion_weight:.2f}, tuned "
+                   "on held-out training queries); --no-fusion ranks by MICE alone", err=True)
     try:
         if query is not None:
             _search_one(searcher, query, k, candidates, first_stage_only, output_format, timings)
@@ -305,15 +310,14 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="TREC run file (qid Q0 docid rank score tag).")],
     qrels: Annotated[str, typer.Option(help="Judgments: a BEIR folder, a qrels file (BEIR TSV or TREC), or irds:<id>.")],
     split: Annotated[str, typer.Option(help="Split of a BEIR folder's qrels/<split>.tsv.")] = "test",
-    metric: Annotated[Optional[list[str]], typer.Option("--metric", "-m", help="ir-measures name, repeatable [default: nDCG@10, RR@10, R@100].")] = None,
+    metric: Annotated[list[str] | None, typer.Option("--metric", "-m", help="ir-measures name, repeatable [default: nDCG@10, RR@10, R@100].")] = None,
     output_format: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.text,
     per_query: Annotated[bool, typer.Option("--per-query", help="Also print every query's values.")] = False,
 ) -> None:
     """Evaluate a run over every judged query: a judged query missing from the run counts as 0."""
     _setup_logging(quiet=False)
-    from mice_engine.evaluation import DEFAULT_METRICS
+    from mice_engine.evaluation import DEFAULT_METRICS, read_trec_run
     from mice_engine.evaluation import evaluate as evaluate_run
-    from mice_engine.evaluation import read_trec_run
     from mice_engine.sources import read_qrels
 
     try:
@@ -371,6 +375,103 @@ def check(
         typer.echo(f"{index_dir}: {len(report.problems)} problem(s) found", err=True)
         raise typer.Exit(code=1)
     typer.echo(f"{index_dir}: OK ({', '.join(report.checked)})")
+
+@app.command()
+def train(
+    source: Annotated[str, typer.Argument(help="Training data: a BEIR folder or irds:<id> with judgments, or irds:<id> with training triples (margin-mse).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder: checkpoints, log, and the best model in <output>/model.")],
+    preset: Annotated[str | None, typer.Option(help="Named settings: paper (the authors' MS MARCO recipe) or scifact-cpu (the shipped model's recipe). Options given explicitly override it.")] = None,
+    architecture: Annotated[str | None, typer.Option(help="mice, or cross-encoder (the full cross-encoder, or a masked one with --mask) [default: mice].")] = None,
+    model: Annotated[str | None, typer.Option("--backbone", help="BERT-family backbone folder or Hugging Face id [default: all-MiniLM-L6-v2].")] = None,
+    merge_layer: Annotated[int | None, typer.Option(help="X in MICE-lX+Y [default: 3].")] = None,
+    interaction_layers: Annotated[int | None, typer.Option(help="Y in MICE-lX+Y [default: 3].")] = None,
+    mask: Annotated[str | None, typer.Option(help="Cross-encoder attention mask: none, mask0, mask1, mask2 or mask3 [default: none].")] = None,
+    mask3_layers: Annotated[int | None, typer.Option(help="k of Mask3-lk: layers 0..k-1 where the query may not read the document.")] = None,
+    loss: Annotated[str | None, typer.Option(help="listwise (judgments and BM25 hard negatives) or margin-mse (teacher margins) [default: listwise].")] = None,
+    teacher_scores: Annotated[Path | None, typer.Option(help="Teacher-score TSV in the MS MARCO layout: pos_score, neg_score, query, positive, negative.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Model folder that scores triples on the fly for margin-mse.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split whose queries and judgments train [default: train].")] = None,
+    dev_queries: Annotated[int | None, typer.Option(help="Training queries held out (seeded) for periodic evaluation [default: 100].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps [default: 1000].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Queries (listwise) or triples (margin-mse) per step [default: 8].")] = None,
+    group_size: Annotated[int | None, typer.Option(help="Listwise group: one positive and group-size - 1 negatives [default: 8].")] = None,
+    accumulation: Annotated[int | None, typer.Option(help="Batches whose gradients add up before each step [default: 1].")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate of AdamW [default: 2e-5].")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps; linear decay follows [default: 100].")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay [default: 0.01].")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="Gradient clipping norm [default: 1.0].")] = None,
+    negatives_depth: Annotated[int | None, typer.Option(help="Hard negatives come from this many top BM25 documents [default: 100].")] = None,
+    freeze_lower: Annotated[bool | None, typer.Option("--freeze-lower/--train-lower", help="MICE: keep the backbone's lower layers, so document states stay valid and are computed once.")] = None,
+    states_from: Annotated[Path | None, typer.Option(help="With --freeze-lower: read document states from this index (same lower layers) instead of computing them.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Steps between evaluations on the held-out queries [default: 200].")] = None,
+    eval_candidates: Annotated[int | None, typer.Option(help="BM25 candidates re-ranked per held-out query [default: 100].")] = None,
+    select_metric: Annotated[str | None, typer.Option(help="Dev metric that picks the best checkpoint: nDCG@10 or RR@10 [default: nDCG@10].")] = None,
+    fuse_first_stage: Annotated[bool | None, typer.Option("--fuse-first-stage/--no-fuse-first-stage", help="Tune a BM25 blend weight on the held-out queries, select checkpoints by the blend, and save the weight with the model.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Steps between resumable checkpoints [default: 200].")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (bf16/fp16 autocast on GPU, float32 on CPU), float32, bf16 or fp16.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the head, the data order and dropout [default: 0].")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, or auto [default: auto].")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUTPUT from its last checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+) -> None:
+    """Train a MICE model (or a cross-encoder baseline) and keep the best checkpoint."""
+    _setup_logging(quiet)
+    from mice_engine.training import TrainingError, settings_with_preset
+    from mice_engine.training import train as run_training
+
+    try:
+        settings = settings_with_preset(
+            preset, train=source, output=str(output), architecture=architecture, backbone=model,
+            merge_layer=merge_layer, interaction_layers=interaction_layers, mask=mask,
+            mask3_layers=mask3_layers, loss=loss,
+            teacher_scores=str(teacher_scores) if teacher_scores else None, teacher=teacher,
+            split=split, dev_queries=dev_queries, steps=steps, batch_size=batch_size,
+            group_size=group_size, accumulation=accumulation, learning_rate=learning_rate,
+            warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+            negatives_depth=negatives_depth, freeze_lower=freeze_lower,
+            states_from=str(states_from) if states_from else None, eval_every=eval_every,
+            eval_candidates=eval_candidates, select_metric=select_metric,
+            fuse_first_stage=fuse_first_stage, checkpoint_every=checkpoint_every, precision=precision, seed=seed, device=device,
+        )
+        result = run_training(settings, resume=resume, progress=not quiet)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; continue with: mice train ... -o {output} --resume", err=True)
+        raise typer.Exit(code=130) from None
+    except (TrainingError, *_expected_errors()) as error:
+        raise _fail(error) from None
+    typer.echo(f"trained {result.steps} steps in {result.seconds:.1f} s; best model: "
+               f"{result.output / 'model'}")
+    if result.best and result.best.get("dev"):
+        dev = result.best["dev"]
+        pure = ", ".join(f"{k} {v:.4f}" for k, v in dev.items() if k != "fusion")
+        typer.echo(f"selected step {result.best['step']} by {result.best['metric']}: {pure}")
+        if dev.get("fusion"):
+            fused = dev["fusion"]
+            blend = ", ".join(f"{k} {v:.4f}" for k, v in fused.items() if k != "first_stage_weight")
+            typer.echo(f"blended with BM25 at weight {fused['first_stage_weight']:.2f}: {blend}")
+
+@app.command("export")
+def export_model(
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Saved MICE model folder (e.g. RUN/model from mice train).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.")],
+    delta: Annotated[bool, typer.Option("--delta/--full", help="Store only what differs from the backbone, in float16 (small; needs the backbone where it loads), or the full model.")] = True,
+) -> None:
+    """Write a trained MICE model in a form to ship: its float16 difference from the backbone."""
+    from mice_engine.model import MiceModel
+
+    try:
+        loaded = MiceModel.load(model)
+        if output.exists() and any(output.iterdir()):
+            raise ValueError(f"{output} exists and is not empty; choose a new folder")
+        if delta:
+            summary = loaded.save_delta(output)
+            typer.echo(f"wrote {output}: {summary['tensors']} tensors, "
+                       f"{summary['parameters']:,} parameters, {_human_bytes(summary['bytes'])}")
+        else:
+            loaded.save(output)
+            typer.echo(f"wrote {output}")
+    except _expected_errors() as error:
+        raise _fail(error) from None
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .first_stage import BM25_DIR, BM25FirstStage
 from .indexing import MiceIndexError, read_manifest, resolve_device
-from .model import MiceModel, load_model
+from .model import DEFAULT_MODEL_NAME, MiceModel, load_model
 from .sources import Query
 from .store import StateStore
 
@@ -92,7 +92,7 @@ class Index:
                 raise MiceIndexError(f"index {self.folder} does not record where its model is; "
                                  "pass --model")
             source = record["source"]
-            if Path(source).is_dir() and (Path(source) / "mice_config.json").is_file():
+            if source == DEFAULT_MODEL_NAME or (Path(source) / "mice_config.json").is_file():
                 model = load_model(source)
             else:
                 model = load_model(
@@ -124,6 +124,27 @@ class Index:
         self.store.close()
 
 
+def fuse_scores(mice_scores: np.ndarray, first_stage_scores: np.ndarray,
+                first_stage_weight: float) -> np.ndarray:
+    """Blend MICE and first-stage scores of one query's candidates.
+
+    Each list is standardised over the candidates (zero mean, unit deviation; a constant list
+    becomes zeros), then ``(1 - w) * mice + w * first_stage``. ``w = 0`` keeps the MICE ranking.
+    """
+    def standardise(values: np.ndarray) -> np.ndarray:
+        values = values.astype(np.float64)
+        deviation = values.std()
+        return (values - values.mean()) / deviation if deviation > 0 else np.zeros_like(values)
+
+    w = float(first_stage_weight)
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"first_stage_weight must be between 0 and 1, got {w}")
+    if w == 0.0:
+        return np.asarray(mice_scores, dtype=np.float32)
+    blended = (1 - w) * standardise(mice_scores) + w * standardise(first_stage_scores)
+    return blended.astype(np.float32)
+
+
 class Searcher:
     """Search an index: BM25 candidates re-scored by the MICE interaction layers.
 
@@ -135,13 +156,17 @@ class Searcher:
     """
 
     def __init__(self, index: Index | str | os.PathLike, model: MiceModel | str | None = None,
-                 device: str | None = None, batch_size: int = 64) -> None:
+                 device: str | None = None, batch_size: int = 64, fusion: bool = True) -> None:
         import torch
 
         self.index = index if isinstance(index, Index) else Index(index)
         self.device = resolve_device(device)
         self.model = self.index.load_model(model).to(self.device).eval()
         self.batch_size = batch_size
+        # A model trained with a BM25 blend weight (tuned on held-out queries) ranks by the
+        # blend unless ``fusion`` is False, which gives the MICE scores alone.
+        weight = (self.model.config.fusion or {}).get("first_stage_weight")
+        self.fusion_weight = float(weight) if fusion and weight else None
         self._torch = torch
         self._warned_untrained = False
 
@@ -173,6 +198,8 @@ class Searcher:
             scores, order = bm25_scores, first_order
         else:
             scores, truncated = self._score(query, rows, timings)
+            if self.fusion_weight is not None:
+                scores = fuse_scores(scores, bm25_scores, self.fusion_weight)
             order = rank_order(doc_ids, scores)
         hits = []
         for rank, i in enumerate(order[:k], start=1):
