@@ -193,7 +193,10 @@ def search(
                             fusion=fusion)
     except _expected_errors() as error:
         raise _fail(error) from None
-    if searcher.fusion_weight is not None and not first_stage_only and not quiet:
+    if searcher.fusion_scale is not None and not first_stage_only and not quiet:
+        typer.echo(f"ranking: MICE score + {searcher.fusion_scale:.3f} x BM25 score, as the model "
+                   "was trained; --no-fusion ranks by MICE alone", err=True)
+    elif searcher.fusion_weight is not None and not first_stage_only and not quiet:
         typer.echo(f"ranking: MICE blended with BM25 (weight {searcher.fusion_weight:.2f}, tuned "
                    "on held-out training queries); --no-fusion ranks by MICE alone", err=True)
     try:
@@ -407,6 +410,7 @@ def train(
     eval_candidates: Annotated[int | None, typer.Option(help="BM25 candidates re-ranked per held-out query [default: 100].")] = None,
     select_metric: Annotated[str | None, typer.Option(help="Dev metric that picks the best checkpoint: nDCG@10 or RR@10 [default: nDCG@10].")] = None,
     fuse_first_stage: Annotated[bool | None, typer.Option("--fuse-first-stage/--no-fuse-first-stage", help="Tune a BM25 blend weight on the held-out queries, select checkpoints by the blend, and save the weight with the model.")] = None,
+    first_stage_feature: Annotated[bool | None, typer.Option("--first-stage-feature/--no-first-stage-feature", help="Train the sum of the MICE score and a learnt scale times the BM25 score, so that MICE learns what BM25 misses; search adds the same term.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Steps between resumable checkpoints [default: 200].")] = None,
     precision: Annotated[str | None, typer.Option(help="auto (bf16/fp16 autocast on GPU, float32 on CPU), float32, bf16 or fp16.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the head, the data order and dropout [default: 0].")] = None,
@@ -431,7 +435,8 @@ def train(
             negatives_depth=negatives_depth, freeze_lower=freeze_lower,
             states_from=str(states_from) if states_from else None, eval_every=eval_every,
             eval_candidates=eval_candidates, select_metric=select_metric,
-            fuse_first_stage=fuse_first_stage, checkpoint_every=checkpoint_every, precision=precision, seed=seed, device=device,
+            fuse_first_stage=fuse_first_stage, first_stage_feature=first_stage_feature,
+            checkpoint_every=checkpoint_every, precision=precision, seed=seed, device=device,
         )
         result = run_training(settings, resume=resume, progress=not quiet)
     except KeyboardInterrupt:
@@ -447,8 +452,9 @@ def train(
         typer.echo(f"selected step {result.best['step']} by {result.best['metric']}: {pure}")
         if dev.get("fusion"):
             fused = dev["fusion"]
-            blend = ", ".join(f"{k} {v:.4f}" for k, v in fused.items() if k != "first_stage_weight")
-            typer.echo(f"blended with BM25 at weight {fused['first_stage_weight']:.2f}: {blend}")
+            how = ", ".join(f"{k} {v:.3f}" for k, v in fused.items() if k.startswith("first"))
+            blend = ", ".join(f"{k} {v:.4f}" for k, v in fused.items() if not k.startswith("first"))
+            typer.echo(f"with BM25 ({how}): {blend}")
 
 @app.command("export")
 def export_model(

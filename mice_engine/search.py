@@ -165,8 +165,12 @@ class Searcher:
         self.batch_size = batch_size
         # A model trained with a BM25 blend weight (tuned on held-out queries) ranks by the
         # blend unless ``fusion`` is False, which gives the MICE scores alone.
-        weight = (self.model.config.fusion or {}).get("first_stage_weight")
+        settings = self.model.config.fusion or {}
+        weight = settings.get("first_stage_weight")
+        scale = settings.get("first_stage_scale")
         self.fusion_weight = float(weight) if fusion and weight else None
+        # A model trained on "MICE + scale * BM25" (mode "sum") ranks by that sum.
+        self.fusion_scale = float(scale) if fusion and scale else None
         self._torch = torch
         self._warned_untrained = False
 
@@ -198,7 +202,9 @@ class Searcher:
             scores, order = bm25_scores, first_order
         else:
             scores, truncated = self._score(query, rows, timings)
-            if self.fusion_weight is not None:
+            if self.fusion_scale is not None:
+                scores = (scores + self.fusion_scale * bm25_scores).astype(np.float32)
+            elif self.fusion_weight is not None:
                 scores = fuse_scores(scores, bm25_scores, self.fusion_weight)
             order = rank_order(doc_ids, scores)
         hits = []

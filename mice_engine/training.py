@@ -135,6 +135,11 @@ class TrainSettings:
     # Tune a BM25 blend weight on the held-out queries at each evaluation, select checkpoints by
     # the blended metric, and save the weight with the model (see search.fuse_scores).
     fuse_first_stage: bool = False
+    # Train the sum "MICE score + scale * BM25 score" with a learnt scale, so that MICE learns
+    # what BM25 misses; the scale is saved with the model and search adds the same term.
+    first_stage_feature: bool = False
+    first_stage_scale_init: float = 0.5
+    first_stage_scale_lr: float = 1e-2
     checkpoint_every: int = 200
     precision: str = "auto"
     device: str = "auto"
@@ -166,6 +171,12 @@ class TrainSettings:
                                 f"steps={self.steps}")
         if self.learning_rate <= 0:
             raise TrainingError(f"learning-rate={self.learning_rate} must be positive")
+        if self.first_stage_feature and self.fuse_first_stage:
+            raise TrainingError("--first-stage-feature and --fuse-first-stage are two ways to use "
+                                "BM25; choose one")
+        if self.first_stage_feature and self.loss != "listwise":
+            raise TrainingError("--first-stage-feature needs --loss listwise (BM25 scores come "
+                                "from the collection's own index)")
         if self.precision not in ("auto", "float32", "bf16", "fp16"):
             raise TrainingError(f"precision {self.precision!r} is unknown; use auto, float32, "
                                 "bf16 or fp16")
@@ -272,6 +283,7 @@ class LabelledCollection:
             raise TrainingError(f"{source} has no {split} query with a relevant document in the "
                                 "corpus; pass a source with judgments for that split")
         self._negatives: dict[str, np.ndarray] = {}
+        self._all_scores: dict[str, np.ndarray] = {}
 
     def negatives(self, index: int) -> np.ndarray:
         """BM25 rows of the query's top ``negatives_depth`` documents that are not judged relevant."""
@@ -282,6 +294,13 @@ class LabelledCollection:
             keep = [int(r) for r in rows if self.doc_ids[int(r)] not in judged]
             self._negatives[query_id] = np.array(keep[: self.negatives_depth], dtype=np.int64)
         return self._negatives[query_id]
+
+    def first_stage_scores(self, index: int) -> np.ndarray:
+        """BM25 score of every document for the query (0 where it shares no term)."""
+        query_id, text, _ = self.queries[index]
+        if query_id not in self._all_scores:
+            self._all_scores[query_id] = self.bm25.score_all(text)
+        return self._all_scores[query_id]
 
     def split_off(self, count: int, seed: int) -> list[int]:
         """Hold out ``count`` queries (seeded choice) for development; returns their indexes."""
@@ -542,12 +561,15 @@ FUSION_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 
 def evaluate_reranking(scorer: PairScorer, collection: LabelledCollection, indexes: Sequence[int],
                        candidates: int, batch_size: int = 64, fusion: bool = False,
-                       select_metric: str = "nDCG@10") -> dict[str, Any]:
+                       select_metric: str = "nDCG@10",
+                       first_stage_scale: float | None = None) -> dict[str, Any]:
     """Re-rank each query's BM25 top ``candidates``; return nDCG@10, RR@10 and R@<candidates>.
 
     Ties rank by descending document id, as the search engine does. With ``fusion``, the
     result also holds ``fusion``: the BM25 blend weight of :data:`FUSION_GRID` that maximises
     ``select_metric`` (see :func:`mice_engine.search.fuse_scores`) and the metrics it gives.
+    With ``first_stage_scale``, it also holds ``fusion``: the metrics of the sum
+    ``MICE + scale * BM25`` that the model was trained to produce.
     """
     from .evaluation import evaluate
     from .search import fuse_scores, rank_order
@@ -582,7 +604,14 @@ def evaluate_reranking(scorer: PairScorer, collection: LabelledCollection, index
         return dict(evaluate(run, dev_qrels, names).metrics)
 
     result: dict[str, Any] = metrics_for(0.0)
-    if fusion:
+    if first_stage_scale is not None:
+        run = {}
+        for query_id, (ids, values, first_scores) in lists.items():
+            summed = values + first_stage_scale * first_scores
+            run[query_id] = [(ids[i], float(summed[i])) for i in rank_order(ids, summed)]
+        result["fusion"] = {"first_stage_scale": first_stage_scale,
+                            **evaluate(run, dev_qrels, names).metrics}
+    elif fusion:
         best_weight, best = 0.0, result
         for weight in FUSION_GRID[1:]:
             metrics = metrics_for(weight)
@@ -602,7 +631,7 @@ def _fsync_replace(temporary: Path, final: Path) -> None:
 
 def save_checkpoint(folder: Path, *, step: int, model: torch.nn.Module, optimizer: Any,
                     scaler: Any, settings: TrainSettings, best: dict[str, Any] | None,
-                    consumed: int) -> None:
+                    consumed: int, scale: torch.Tensor | None = None) -> None:
     """Write the resumable state atomically: a reader sees the previous or the new checkpoint."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {
@@ -613,6 +642,7 @@ def save_checkpoint(folder: Path, *, step: int, model: torch.nn.Module, optimize
         "settings": settings.to_dict(),
         "best": best,
         "consumed": consumed,
+        "first_stage_scale": None if scale is None else scale.detach().cpu(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -683,12 +713,16 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
     parameters = trainable_parameters(model, settings.freeze_lower)
     decay = [p for p in parameters if p.dim() > 1]
     no_decay = [p for p in parameters if p.dim() <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.learning_rate,
-        foreach=True,
-    )
+    groups = [{"params": decay, "weight_decay": settings.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    scale = None
+    if settings.first_stage_feature:
+        scale = torch.nn.Parameter(torch.tensor(float(settings.first_stage_scale_init),
+                                                device=device))
+        groups.append({"params": [scale], "weight_decay": 0.0,
+                       "base_lr": settings.first_stage_scale_lr})
+        parameters = [*parameters, scale]
+    optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, foreach=True)
     amp_dtype = autocast_dtype(settings.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
@@ -707,6 +741,9 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
     best: dict[str, Any] | None = None
     if saved is not None:
         model.load_state_dict(saved["model"])
+        if scale is not None:
+            with torch.no_grad():
+                scale.copy_(saved["first_stage_scale"])
         optimizer.load_state_dict(saved["optimizer"])
         if scaler is not None and saved["scaler"] is not None:
             scaler.load_state_dict(saved["scaler"])
@@ -729,7 +766,7 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
     try:
         while step < settings.steps:
             for group in optimizer.param_groups:
-                group["lr"] = settings.learning_rate * learning_rate_factor(
+                group["lr"] = group.get("base_lr", settings.learning_rate) * learning_rate_factor(
                     step, settings.warmup_steps, settings.steps)
             rng = np.random.default_rng([settings.seed, step])
             optimizer.zero_grad(set_to_none=True)
@@ -737,7 +774,7 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
             for part in range(settings.accumulation):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = _batch_loss(settings, scorer, collection, train_indexes, triples,
-                                       rng, teacher=None)
+                                       rng, scale=scale)
                     loss = loss / settings.accumulation
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"the loss became {loss.item()} at step {step}; "
@@ -767,30 +804,33 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
                 metrics = evaluate_reranking(scorer, collection, dev_indexes,
                                              settings.eval_candidates,
                                              fusion=settings.fuse_first_stage,
-                                             select_metric=settings.select_metric)
+                                             select_metric=settings.select_metric,
+                                             first_stage_scale=None if scale is None
+                                             else float(scale.detach()))
                 record = {"step": step, "dev": metrics, "seconds": round(elapsed, 2)}
                 evaluations.append(record)
                 _append_log(log_path, {"eval": record})
-                chosen = metrics["fusion"] if settings.fuse_first_stage else metrics
+                chosen = metrics.get("fusion", metrics)
                 value = chosen[settings.select_metric]
                 logger.info("step %d: dev %s", step, ", ".join(
                     f"{k} {v:.4f}" for k, v in metrics.items() if k != "fusion"))
-                if settings.fuse_first_stage:
-                    logger.info("step %d: dev blended with BM25 (weight %.2f): %s", step,
-                                chosen["first_stage_weight"], ", ".join(
-                                    f"{k} {v:.4f}" for k, v in chosen.items()
-                                    if k != "first_stage_weight"))
+                if "fusion" in metrics:
+                    logger.info("step %d: dev with BM25 (%s): %s", step, ", ".join(
+                        f"{k} {v:.4f}" for k, v in chosen.items() if k.startswith("first")),
+                        ", ".join(f"{k} {v:.4f}" for k, v in chosen.items()
+                                  if not k.startswith("first")))
                 if best is None or value > best["value"]:
                     best = {"step": step, "metric": settings.select_metric, "value": value,
                             "dev": metrics}
-                    _save_model(model, settings, output / BEST_DIR, best)
+                    _save_model(model, settings, output / BEST_DIR, best, scale)
             elif not dev_indexes and step == settings.steps:
                 best = {"step": step, "metric": None, "value": None, "dev": None}
-                _save_model(model, settings, output / BEST_DIR, best)
+                _save_model(model, settings, output / BEST_DIR, best, scale)
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 consumed = triples.consumed if triples is not None else 0
                 save_checkpoint(checkpoint_folder, step=step, model=model, optimizer=optimizer,
-                                scaler=scaler, settings=settings, best=best, consumed=consumed)
+                                scaler=scaler, settings=settings, best=best, consumed=consumed,
+                                scale=scale)
             if stop_after is not None and steps_this_call >= stop_after:
                 break
     finally:
@@ -881,7 +921,7 @@ def _collection_teacher_stream(settings: TrainSettings,
 
 def _batch_loss(settings: TrainSettings, scorer: PairScorer, collection: LabelledCollection | None,
                 train_indexes: Sequence[int], triples: TripleStream | None,
-                rng: np.random.Generator, teacher: Any) -> torch.Tensor:
+                rng: np.random.Generator, scale: torch.Tensor | None = None) -> torch.Tensor:
     if settings.loss == "listwise":
         chosen = rng.choice(len(train_indexes), size=settings.batch_size,
                             replace=len(train_indexes) < settings.batch_size)
@@ -890,6 +930,11 @@ def _batch_loss(settings: TrainSettings, scorer: PairScorer, collection: Labelle
         queries = [collection.queries[i][1] for i, rows in groups for _ in rows]
         documents = [row for _, rows in groups for row in rows]
         scores = scorer(queries, documents).float().view(len(groups), settings.group_size)
+        if scale is not None:
+            first = torch.tensor(np.array([collection.first_stage_scores(i)[rows]
+                                           for i, rows in groups]), dtype=torch.float32,
+                                 device=scores.device)
+            scores = scores + scale * first
         return listwise_softmax_loss(scores)
     batch = triples.take(settings.batch_size)
     queries = [t.query for t in batch] * 2
@@ -906,13 +951,19 @@ def _batch_loss(settings: TrainSettings, scorer: PairScorer, collection: Labelle
 
 
 def _save_model(model: torch.nn.Module, settings: TrainSettings, folder: Path,
-                best: dict[str, Any]) -> None:
+                best: dict[str, Any], scale: torch.Tensor | None = None) -> None:
     """Save the model with its training record, replacing the previous best atomically."""
     model.config.trained = True
     fused = (best.get("dev") or {}).get("fusion")
-    model.config.fusion = ({"first_stage": "bm25", "first_stage_weight": fused["first_stage_weight"],
-                            "dev": {k: v for k, v in fused.items() if k != "first_stage_weight"}}
-                           if fused and fused["first_stage_weight"] > 0 else {})
+    if scale is not None:
+        model.config.fusion = {"first_stage": "bm25", "mode": "sum",
+                               "first_stage_scale": float(scale.detach())}
+    elif fused and fused["first_stage_weight"] > 0:
+        model.config.fusion = {"first_stage": "bm25", "mode": "standardised-blend",
+                               "first_stage_weight": fused["first_stage_weight"],
+                               "dev": {k: v for k, v in fused.items() if k != "first_stage_weight"}}
+    else:
+        model.config.fusion = {}
     model.config.training = {
         "settings": settings.to_dict(),
         "step": best["step"],

@@ -260,3 +260,16 @@ def test_model_with_a_blend_weight_ranks_by_the_blend(adi_index, tiny_backbone):
     for hit in blended.hits:
         assert hit.score == pytest.approx(float(expected_by_id[hit.doc_id]), abs=1e-5)
     assert [h.score for h in blended.hits] == sorted((h.score for h in blended.hits), reverse=True)
+
+
+def test_model_trained_with_a_bm25_term_ranks_by_the_sum(adi_index, tiny_backbone):
+    model = MiceModel.from_backbone(tiny_backbone, merge_layer=2, interaction_layers=2,
+                                    query_max_length=32, doc_max_length=64)
+    plain = Searcher(adi_index, model=model).search(QUERY, k=20, candidates=20)
+    model.config.fusion = {"first_stage": "bm25", "mode": "sum", "first_stage_scale": 0.7}
+    summed = Searcher(adi_index, model=model).search(QUERY, k=20, candidates=20)
+    expected = {h.doc_id: h.score + 0.7 * h.first_stage_score for h in plain.hits}
+    assert {h.doc_id for h in summed.hits} == set(expected)
+    for hit in summed.hits:
+        assert hit.score == pytest.approx(expected[hit.doc_id], abs=1e-4)
+    assert [h.score for h in summed.hits] == sorted((h.score for h in summed.hits), reverse=True)

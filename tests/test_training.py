@@ -329,3 +329,22 @@ def test_training_split_without_judgments_is_a_clear_error(tiny_backbone, collec
     settings = tiny_settings(tiny_backbone, collection, tmp_path / "run", split="dev")
     with pytest.raises(Exception, match="dev"):
         train(settings, progress=False)
+
+
+def test_first_stage_feature_learns_a_scale_that_search_applies(tiny_backbone, collection, tmp_path):
+    whole = train(tiny_settings(tiny_backbone, collection, tmp_path / "whole",
+                                first_stage_feature=True), progress=False)
+    settings = tiny_settings(tiny_backbone, collection, tmp_path / "split", first_stage_feature=True)
+    train(settings, progress=False, stop_after=2)
+    resumed = train(settings, resume=True, progress=False)
+    assert resumed.losses == whole.losses[2:]
+    saved = MiceModel.load(tmp_path / "split" / "model")
+    scale = saved.config.fusion["first_stage_scale"]
+    assert saved.config.fusion["mode"] == "sum" and scale != settings.first_stage_scale_init
+    assert resumed.best["dev"]["fusion"]["first_stage_scale"] == pytest.approx(scale)
+
+
+def test_first_stage_feature_excludes_the_blend():
+    with pytest.raises(TrainingError, match="choose one"):
+        settings_with_preset(None, train="x", output="o", first_stage_feature=True,
+                             fuse_first_stage=True)
