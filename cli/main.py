@@ -480,6 +480,73 @@ def export_model(
         raise _fail(error) from None
 
 
+@app.command()
+def rerank(
+    run: Annotated[Path, typer.Option("--run", help="First-stage TREC run file (qid Q0 docid rank score tag) whose candidates are re-ranked.")],
+    queries: Annotated[str, typer.Option(help="Query texts: a BEIR folder, queries .jsonl/.tsv, or irds:<id>.")],
+    collection: Annotated[str, typer.Option(help="Documents, looked up by id: a BEIR folder, a .jsonl[.gz]/.tsv corpus, or irds:<id>.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="TREC run file to write ('-' for standard output).")],
+    model: Annotated[Optional[str], typer.Option(help="Cross-encoder folder, MICE model folder, or a backbone folder or Hugging Face id (as an untrained MICE model) [default: all-MiniLM-L6-v2 as MICE-l3+3, untrained head].")] = None,
+    depth: Annotated[int, typer.Option(min=1, help="Candidates re-ranked per query: the first DEPTH results of the run; the output contains only these.")] = 100,
+    split: Annotated[str, typer.Option(help="Split whose judged queries a BEIR folder contributes (qrels/<split>.tsv).")] = "test",
+    batch_size: Annotated[int, typer.Option(min=1, help="Documents per forward pass.")] = 32,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (the GPU when PyTorch sees one).")] = "auto",
+    tag: Annotated[str, typer.Option(help="Run tag in the TREC file.")] = "rerank",
+    timings: Annotated[Optional[Path], typer.Option(help="Write per-query re-ranking seconds and their p50/p95 as JSON to this file.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
+) -> None:
+    """Re-rank the top candidates of a TREC run with a MICE model or a cross-encoder."""
+    _setup_logging(quiet)
+    from tqdm.auto import tqdm
+
+    from mice_engine.cross_encoder import load_reranker
+    from mice_engine.evaluation import write_trec_run
+    from mice_engine.indexing import resolve_device
+    from mice_engine.rerank import load_documents, match_queries, read_candidates
+    from mice_engine.rerank import rerank as rerank_run
+    from mice_engine.sources import read_queries
+
+    try:
+        candidates = read_candidates(run, depth)
+        query_texts = match_queries(candidates, read_queries(queries, split=split), queries)
+        needed = {doc_id for doc_ids in candidates.values() for doc_id in doc_ids}
+        documents = load_documents(collection, needed, show_progress=not quiet)
+        reranker = load_reranker(model).to(resolve_device(device))
+        if not quiet:
+            typer.echo(f"model: {reranker.config.name} from {reranker.source}", err=True)
+        with tqdm(total=len(candidates), unit="query", desc="re-ranking", disable=quiet,
+                  dynamic_ncols=True) as progress:
+            result = rerank_run(reranker, candidates, query_texts, documents,
+                                batch_size=batch_size, on_query=lambda _: progress.update())
+        if str(output) == "-":
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as folder:
+                temporary = Path(folder) / "run.trec"
+                write_trec_run(temporary, result.run, tag)
+                sys.stdout.write(temporary.read_text(encoding="utf-8"))
+        else:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            write_trec_run(output, result.run, tag)
+    except _expected_errors() as error:
+        raise _fail(error) from None
+    results = sum(len(ranked) for ranked in result.run.values())
+    if str(output) != "-":
+        typer.echo(f"wrote {results:,} re-ranked results for {len(result.run):,} queries to "
+                   f"{output}", err=True)
+    latency = result.latency_ms()
+    if latency:
+        typer.echo(f"re-ranking time per query: p50 {latency['p50_ms']:.1f} ms   "
+                   f"p95 {latency['p95_ms']:.1f} ms   mean {latency['mean_ms']:.1f} ms", err=True)
+    if timings is not None:
+        timings.parent.mkdir(parents=True, exist_ok=True)
+        timings.write_text(json.dumps({"summary_ms": latency, "per_query_seconds": result.seconds},
+                                      indent=2) + "\n")
+    if not reranker.config.trained:
+        typer.echo("note: this model's scoring head is untrained, so its ranking is close to "
+                   "random; use a trained model for real results", err=True)
+
+
 def main() -> None:
     app()
 
