@@ -126,7 +126,7 @@ def main() -> None:
 
     systems = {}
     for name, run in runs.items():
-        entry = {"seconds_per_query": percentiles(seconds[name])}
+        entry = {"ms_per_query": percentiles(seconds[name])}
         if not name.startswith("bm25>") or name in ("bm25>mice", "bm25>mice+bm25"):
             entry["all_queries"] = evaluate(run, qrels, DEFAULT_METRICS).metrics
         if subset:
