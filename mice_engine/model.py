@@ -238,9 +238,11 @@ class InteractionLayer(nn.Module):
         """
         attended = self.attention(hidden, hidden, self_bias)
         cross = self.crossattention.forward_folded if folded else self.crossattention
-        tokens = cross(attended[:, 1:], doc_states, cross_bias)
-        cls = attended[:, :1].expand(tokens.shape[0], -1, -1)
-        return self.feed_forward(torch.cat([cls, tokens], dim=1))
+        tokens = self.feed_forward(cross(attended[:, 1:], doc_states, cross_bias))
+        # The feed-forward block works row by row, so [CLS], which skips cross-attention, goes
+        # through it apart; when one query serves every document, that happens once.
+        cls = self.feed_forward(attended[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1)
 
     def feed_forward(self, hidden: torch.Tensor) -> torch.Tensor:
         inner = self.intermediate.dense(hidden)
@@ -305,7 +307,8 @@ class MiceModel(nn.Module):
         self.scorer = nn.Linear(backbone_config.hidden_size, 1)
         # How cross-attention reads document states: "projected" (keys and values projected
         # from the states, as BERT does), "folded" (projections moved to the query side, see
-        # _Attention.forward_folded) or "auto" (whichever costs fewer multiply-adds).
+        # _Attention.forward_folded) or "auto" (whichever costs fewer multiply-adds, layer by
+        # layer and batch by batch; see _fold_cross_attention).
         self.cross_attention_mode = "auto"
 
     @property
@@ -368,25 +371,43 @@ class MiceModel(nn.Module):
         for depth, layer in enumerate(self.interaction_layers):
             if depth == last:
                 # Only [CLS] feeds the score, and [CLS] skips cross-attention: the last layer
-                # needs its [CLS] row alone, and no document keys or values at all.
-                cls = layer.attention(hidden[:, :1], hidden, self_bias[:, :, :1])
+                # needs its [CLS] row alone, and no document keys or values at all. For one
+                # row, folding the key and value projections into the query side is cheaper
+                # than projecting every query token.
+                cls = layer.attention.forward_folded(hidden[:, :1], hidden, self_bias[:, :, :1])
                 cls = layer.feed_forward(cls)
                 break
-            hidden = layer(hidden, self_bias, doc_states, cross_bias,
-                           folded=self._fold_cross_attention(lq - 1))
+            folded = self._fold_cross_attention(lq - 1, doc_states.shape[1],
+                                                shared_query=hidden.shape[0] == 1)
+            hidden = layer(hidden, self_bias, doc_states, cross_bias, folded=folded)
         else:  # pragma: no cover - the constructor requires at least one interaction layer
             raise AssertionError("no interaction layer")
         pooled = torch.tanh(self.pooler.dense(cls[:, 0]))
         pooled = pooled.expand(batch, -1)
         return self.scorer(self.dropout(pooled)).squeeze(-1)
 
-    def _fold_cross_attention(self, query_rows: int) -> bool:
+    def _fold_cross_attention(self, query_rows: int, doc_tokens: int,
+                              shared_query: bool = False) -> bool:
+        """Whether cross-attention of ``query_rows`` rows over ``doc_tokens`` stored tokens per
+        document takes the folded path.
+
+        In "auto" mode the path with fewer multiply-adds per document wins. Projected costs
+        ``2 * hidden * (hidden + rows)`` per stored token. Folded costs
+        ``2 * heads * rows * hidden`` per stored token, plus ``rows * hidden^2`` for the value
+        projection of the mixed states, plus as much again for folding the key projection into
+        the query unless one query is ``shared_query`` by every document.
+        """
         if self.cross_attention_mode not in ("auto", "folded", "projected"):
             raise ValueError(f"cross_attention_mode must be auto, folded or projected, got "
                              f"{self.cross_attention_mode!r}")
-        if self.cross_attention_mode == "auto":
-            return self.backbone_config.num_attention_heads * query_rows < self.hidden_size
-        return self.cross_attention_mode == "folded"
+        if self.cross_attention_mode != "auto":
+            return self.cross_attention_mode == "folded"
+        hidden = self.hidden_size
+        heads = self.backbone_config.num_attention_heads
+        folded = (2 * heads * query_rows * hidden * doc_tokens
+                  + query_rows * hidden * hidden * (1 if shared_query else 2))
+        projected = 2 * hidden * (hidden + query_rows) * doc_tokens
+        return folded < projected
 
     def forward(
         self,

@@ -54,6 +54,31 @@ def rank_order(doc_ids: list[str], scores: np.ndarray) -> list[int]:
     return sorted(order, key=lambda i: -float(scores[i]))
 
 
+def length_batches(lengths: np.ndarray, max_batch: int,
+                   max_padding: float = 0.1) -> list[np.ndarray]:
+    """Group positions into batches of similar length, longest first.
+
+    A batch contains at most ``max_batch`` positions, and padding every member to the batch's
+    longest adds at most ``max_padding`` of its real length. Cross-attention costs time per
+    stored token, so padded tokens cost as much as real ones.
+    """
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        width = int(lengths[order[start]])
+        end, real = start + 1, width
+        while end < len(order) and end - start < max_batch:
+            candidate = real + int(lengths[order[end]])
+            if width * (end - start + 1) > (1 + max_padding) * candidate:
+                break
+            real = candidate
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
 class Index:
     """A complete index folder opened for search: manifest, state store and BM25."""
 
@@ -205,10 +230,8 @@ class Searcher:
             windows = [(i, start, end) for i, row in enumerate(rows)
                        for start, end in store.windows(int(row))]
             lengths = np.array([end - start for _, start, end in windows])
-            by_length = np.argsort(-lengths, kind="stable")
             window_scores = np.empty(len(windows), dtype=np.float32)
-            for first in range(0, len(windows), self.batch_size):
-                batch = by_length[first : first + self.batch_size]
+            for batch in length_batches(lengths, self.batch_size):
                 tick = time.perf_counter()
                 width = int(lengths[batch].max())
                 padded = np.zeros((len(batch), width, store.hidden_size), dtype=np.float16)
