@@ -173,7 +173,7 @@ def search(
     tag: Annotated[Optional[str], typer.Option(help="Run tag in the TREC file [default: mice or bm25].")] = None,
     model: Annotated[Optional[str], typer.Option(help="Score with this model instead of the index's own (its lower layers must be identical).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Candidates scored per forward pass.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Candidates scored per forward pass.")] = 128,
     timings: Annotated[Optional[Path], typer.Option(help="Write per-query stage timings and their p50/p95 as JSON to this file.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
 ) -> None:
@@ -382,6 +382,7 @@ def bench(
     model: Annotated[Optional[list[str]], typer.Option(help="Replace a model of the suite's models table, as KEY=SPEC (SPEC: default, a model folder, a backbone); repeatable.")] = None,
     collection: Annotated[Optional[list[str]], typer.Option(help="Replace a collection's source, as NAME=SOURCE; repeatable.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="PyTorch CPU threads for the whole run (default: PyTorch's choice, one per core).")] = None,
     reuse_indexes: Annotated[bool, typer.Option("--reuse-indexes", help="Reuse complete indexes of the same source and model from an earlier run; their indexing figures are then not measured in this run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of an earlier run in the output folder.")] = False,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Draw the PNG plots (needs matplotlib).")] = True,
@@ -399,7 +400,7 @@ def bench(
         options = BenchOptions(
             output=output or Path("benchmarks") / "results" / suite.name, index_dir=index_dir,
             device=device, reuse_indexes=reuse_indexes, overwrite=overwrite,
-            show_progress=not quiet, plots=plots,
+            show_progress=not quiet, plots=plots, threads=threads,
             command=" ".join(["mice", *sys.argv[1:]]),
         )
         record = run_suite(suite, options)

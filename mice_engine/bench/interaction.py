@@ -26,10 +26,14 @@ _WARM_UP_CANDIDATES = 8
 
 
 def interaction_benchmark(searcher: Searcher, cross_encoder: Any, queries: Sequence[Query], *,
-                          candidates: int, device: str, matmul_size: int, profile: bool,
+                          candidates: int, cross_encoder_batch_size: int, device: str,
+                          matmul_size: int, profile: bool,
                           on_query: Callable[[], None] | None = None) -> dict[str, Any]:
     """Score ``candidates`` first-stage candidates of each query with both models; return every
-    per-query timing and arithmetic count, their totals, the speed ratio and a profile."""
+    per-query timing and arithmetic count, their totals, the speed ratio and a profile.
+
+    MICE scores in forward passes of ``searcher.batch_size`` candidates, the cross-encoder in
+    passes of at most ``cross_encoder_batch_size`` pairs."""
     from ..encoding import tokenize
 
     mice = searcher.model
@@ -44,7 +48,7 @@ def interaction_benchmark(searcher: Searcher, cross_encoder: Any, queries: Seque
         texts = _candidate_texts(searcher, queries[0].text, warm_up)
         if texts:
             _cross_encoder_forward(cross_encoder, *_cross_encoder_inputs(
-                cross_encoder, queries[0].text, texts), searcher.batch_size, device)
+                cross_encoder, queries[0].text, texts), cross_encoder_batch_size, device)
 
     rows = []
     for number, query in enumerate(queries):
@@ -60,9 +64,11 @@ def interaction_benchmark(searcher: Searcher, cross_encoder: Any, queries: Seque
 
         if number % 2 == 0:
             mice_seconds = _mice_interaction(searcher, query.text, candidates)
-            ce_seconds = _cross_encoder_forward(cross_encoder, *inputs, searcher.batch_size, device)
+            ce_seconds = _cross_encoder_forward(cross_encoder, *inputs, cross_encoder_batch_size,
+                                                device)
         else:
-            ce_seconds = _cross_encoder_forward(cross_encoder, *inputs, searcher.batch_size, device)
+            ce_seconds = _cross_encoder_forward(cross_encoder, *inputs, cross_encoder_batch_size,
+                                                device)
             mice_seconds = _mice_interaction(searcher, query.text, candidates)
 
         query_length = len(tokenize(mice.tokenizer, [query.text],
@@ -89,7 +95,8 @@ def interaction_benchmark(searcher: Searcher, cross_encoder: Any, queries: Seque
     summary["candidates"] = candidates
     summary["matmul"] = rate
     summary["queries"] = rows
-    summary["batch_size"] = searcher.batch_size
+    summary["mice_batch_size"] = searcher.batch_size
+    summary["cross_encoder_batch_size"] = cross_encoder_batch_size
     if profile and rows:
         summary["profile"] = _profile_interaction(searcher, queries[0].text, candidates)
     return summary

@@ -213,7 +213,8 @@ def _interaction(values: dict[str, Any]) -> list[str]:
         (f"{values['query_count']} queries, {values['candidates']} first-stage candidates each, "
         f"scored by MICE (`{values['mice_model']}`, from stored states) and by the full "
         f"cross-encoder (`{values['cross_encoder_model']}`, forward pass on tokenised pairs), "
-        f"batches of at most {values['batch_size']}. Float32 matmul rate in the same run: "
+        f"forward passes of at most {values['mice_batch_size']} and "
+        f"{values['cross_encoder_batch_size']} candidates. Float32 matmul rate in the same run: "
         f"{matmul['best_gflops']} GFLOP/s best, {matmul['median_gflops']} median."), "",
         "| | MICE | cross-encoder |", "|---|---|---|",
         (f"| seconds, all queries | {values['mice_seconds']:.3f} "

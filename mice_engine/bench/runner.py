@@ -43,6 +43,8 @@ class BenchOptions:
     show_progress: bool = True
     plots: bool = True
     command: str | None = None
+    # PyTorch's CPU threads for the whole run; None keeps PyTorch's default.
+    threads: int | None = None
 
 
 def run_suite(suite: Suite, options: BenchOptions) -> dict[str, Any]:
@@ -64,6 +66,10 @@ def run_suite(suite: Suite, options: BenchOptions) -> dict[str, Any]:
     from .probes import git_state, hardware, load_average, matmul_rate
 
     device = resolve_device(options.device)
+    if options.threads:
+        import torch
+
+        torch.set_num_threads(options.threads)
     started = time.perf_counter()
     record: dict[str, Any] = {
         "format": RECORD_FORMAT,
@@ -252,12 +258,21 @@ class _CollectionRun:
         self.device = device
         self.output = output
         self.indexes: dict[str, dict[str, Any]] = {}
-        self.searchers: dict[str, Any] = {}
+        # Open indexes, shared by the searchers of every system that reads them.
+        self.opened: dict[str, Any] = {}
 
     def close(self) -> None:
-        for searcher in self.searchers.values():
-            searcher.close()
-        self.searchers.clear()
+        for index in self.opened.values():
+            index.close()
+        self.opened.clear()
+
+    def _searcher(self, index_name: str, batch_size: int):
+        """A searcher over an open index, with the model that built it."""
+        from ..search import Searcher
+
+        key = self.indexes[index_name]["key"]
+        return Searcher(self.opened[index_name], model=self.models.mice(key["model"]),
+                        device=self.device, batch_size=batch_size)
 
     def run(self) -> dict[str, Any]:
         from ..sources import open_documents
@@ -326,7 +341,7 @@ class _CollectionRun:
 
     def _index(self, key: dict[str, Any]) -> None:
         from ..indexing import MANIFEST_FILE, build_index, read_manifest
-        from ..search import Searcher
+        from ..search import Index
         from .probes import PeakMemory, folder_bytes
 
         name = _index_name(self.collection.name, key)
@@ -378,7 +393,7 @@ class _CollectionRun:
             "states_sha256": manifest["states"]["sha256"],
             **({} if reused else {"memory": memory.record()}),
         }
-        self.searchers[name] = Searcher(path, model=model, device=self.device)
+        self.opened[name] = Index(path)
 
     def _bare_forward(self, model: Any, label: str) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -408,7 +423,8 @@ class _CollectionRun:
         else:
             index_name = _index_name(self.collection.name, _index_key(self.suite.index_model,
                                                                      None))
-        searcher = self.searchers[index_name]
+        batch_size = system.reranker_batch_size
+        searcher = self._searcher(index_name, batch_size)
         cross_encoder = None
         if system.reranker == "cross-encoder":
             cross_encoder = self.models.cross_encoder(system.model, searcher.model)
@@ -417,7 +433,7 @@ class _CollectionRun:
         with tqdm(total=len(queries), unit="query", desc=f"{self.collection.name} {system.name}",
                   disable=not self.options.show_progress, dynamic_ncols=True) as bar:
             outcome = run_system(system, searcher, queries, self.suite.depth, device=self.device,
-                                 cross_encoder=cross_encoder, batch_size=searcher.batch_size,
+                                 cross_encoder=cross_encoder, batch_size=batch_size,
                                  on_query=bar.update)
         slug = "".join(c if c.isalnum() or c in "._-" else "-" for c in system.name)
         run_file = self.output / "runs" / f"{self.collection.name}.{slug}.trec"
@@ -438,7 +454,7 @@ class _CollectionRun:
             "index_options": system.index_options, "search_options": system.search_options,
             "index": index_name, "index_bytes": index_bytes, "index_holds": holds,
             "run_file": str(run_file.relative_to(self.output)),
-            "max_queries": system.max_queries,
+            "max_queries": system.max_queries, "batch_size": batch_size,
             **evaluate_system(outcome, queries, qrels, self.suite.metrics),
         }
 
@@ -448,11 +464,14 @@ class _CollectionRun:
         from .interaction import interaction_benchmark
 
         efficiency = self.suite.efficiency
-        searcher = self.searchers[base_name]
+        mice_system = next((system for system in self.suite.systems
+                            if system.reranker == "mice"), SystemSpec("mice", reranker="mice"))
+        searcher = self._searcher(base_name, mice_system.reranker_batch_size)
         ce_system = next((system for system in self.suite.systems
-                          if system.reranker == "cross-encoder"), None)
-        key = ce_system.model if ce_system else ("cross-encoder" if "cross-encoder" in
-                                                  self.suite.models else None)
+                          if system.reranker == "cross-encoder"),
+                         SystemSpec("cross-encoder", reranker="cross-encoder"))
+        key = ce_system.model or ("cross-encoder" if "cross-encoder" in self.suite.models
+                                  else None)
         cross_encoder = self.models.cross_encoder(key, searcher.model)
         chosen = queries[: efficiency.interaction_queries]
         logger.info("%s: interaction micro-benchmark on %d queries", self.collection.name,
@@ -461,6 +480,7 @@ class _CollectionRun:
                   disable=not self.options.show_progress, dynamic_ncols=True) as bar:
             result = interaction_benchmark(
                 searcher, cross_encoder, chosen, candidates=efficiency.interaction_candidates,
+                cross_encoder_batch_size=ce_system.reranker_batch_size,
                 device=self.device, matmul_size=efficiency.matmul_size,
                 profile=efficiency.profile, on_query=bar.update)
         result["index"] = base_name

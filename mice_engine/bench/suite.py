@@ -30,6 +30,8 @@ optional; the values shown are the defaults)::
     model = "mice"           # a key of [models]
     candidates = 100
     max_queries = 0          # 0: every judged query
+    batch_size = 0           # candidates per forward pass (0: 128 for MICE, 32 for the
+                             # cross-encoder)
     compression = ""         # state compression of the system's index (MICE only)
     index_options = {}       # extra keyword arguments of build_index
     search_options = {}      # extra keyword arguments of Searcher.search
@@ -59,6 +61,10 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 FIRST_STAGES = ("bm25", "dense", "hybrid")
+# Candidates per forward pass when a system sets no batch_size: the Searcher's default for MICE,
+# and for the cross-encoder a size that keeps its attention masks (batch x 512 x 512) small.
+MICE_BATCH_SIZE = 128
+CROSS_ENCODER_BATCH_SIZE = 32
 RERANKERS = ("none", "mice", "cross-encoder")
 QUERY_ORDERS = ("first", "random")
 SIGNIFICANCE_TESTS = ("paired-t", "randomization")
@@ -85,9 +91,17 @@ class SystemSpec:
     model: str | None = None
     candidates: int = 100
     max_queries: int = 0
+    # Candidates per forward pass of the reranker; 0 picks the reranker's default.
+    batch_size: int = 0
     compression: str | None = None
     index_options: dict[str, Any] = field(default_factory=dict)
     search_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reranker_batch_size(self) -> int:
+        if self.batch_size:
+            return self.batch_size
+        return CROSS_ENCODER_BATCH_SIZE if self.reranker == "cross-encoder" else MICE_BATCH_SIZE
 
     @property
     def uses_index_states(self) -> bool:
@@ -249,7 +263,7 @@ def _parse_collections(values: dict[str, Any], where: str, base: Path,
 
 
 _SYSTEM_KEYS = {"name", "first_stage", "reranker", "model", "candidates", "max_queries",
-                "compression", "index_options", "search_options"}
+                "batch_size", "compression", "index_options", "search_options"}
 
 
 def _parse_systems(values: dict[str, Any], where: str, suite: Suite) -> list[SystemSpec]:
@@ -273,6 +287,10 @@ def _parse_systems(values: dict[str, Any], where: str, suite: Suite) -> list[Sys
         system.max_queries = _get(entry, "max_queries", int, label, default=0)
         if system.max_queries < 0:
             raise BenchError(f"{label}: max_queries must be 0 (every query) or positive")
+        system.batch_size = _get(entry, "batch_size", int, label, default=0)
+        if system.batch_size < 0:
+            raise BenchError(f"{label}: batch_size must be 0 (the reranker's default) or "
+                             "positive")
         system.compression = _get(entry, "compression", str, label, default="") or None
         system.index_options = _get(entry, "index_options", dict, label, default={})
         system.search_options = _get(entry, "search_options", dict, label, default={})

@@ -51,7 +51,7 @@ def search_options(system: SystemSpec) -> dict[str, Any]:
 
 
 def run_system(system: SystemSpec, searcher: Searcher, queries: Sequence[Query], depth: int, *,
-               device: str, cross_encoder: Any = None, batch_size: int = 64,
+               device: str, cross_encoder: Any = None, batch_size: int = 32,
                on_query: Callable[[], None] | None = None) -> SystemRun:
     """Run ``system`` on every query with ``searcher`` (the index it reads) and time it.
 
