@@ -1,4 +1,7 @@
-"""Print the pipeline records in benchmarks/results/ as Markdown tables.
+"""Print benchmark records as Markdown tables.
+
+Records of `mice bench` (``record.json`` of a results folder) print as a summary of quality,
+latency and efficiency; the records of ``pipeline.py`` print as their own tables.
 
 Usage: python benchmarks/report.py [RECORD.json ...]
 """
@@ -24,6 +27,14 @@ def _state_bytes(index: dict) -> str:
 def main() -> None:
     paths = [Path(arg) for arg in sys.argv[1:]] or sorted(RESULTS.glob("*.json"))
     records = [json.loads(path.read_text()) for path in paths]
+    bench_records = [record for record in records if record.get("format") == "mice-bench-record"]
+    if bench_records:
+        from mice_engine.bench.report import render_summary
+
+        print(render_summary(bench_records))
+    records = [record for record in records if record.get("benchmark") == "pipeline"]
+    if not records:
+        return
 
     print("| collection | documents | tokens | index time | documents/s | tokens/s "
           "| index on disk | bytes/token (states) | bytes/token (states.h5 file) |")

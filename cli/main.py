@@ -174,7 +174,7 @@ def search(
     model: Annotated[str | None, typer.Option(help="Score with this model instead of the index's own (its lower layers must be identical).")] = None,
     fusion: Annotated[bool, typer.Option("--fusion/--no-fusion", help="Blend MICE with BM25 scores when the model carries a tuned blend weight (the shipped default does); --no-fusion ranks by MICE alone.")] = True,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Candidates scored per forward pass.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Candidates scored per forward pass.")] = 128,
     timings: Annotated[Path | None, typer.Option(help="Write per-query stage timings and their p50/p95 as JSON to this file.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
 ) -> None:
@@ -548,6 +548,61 @@ def rerank(
     if not reranker.config.trained:
         typer.echo("note: this model's scoring head is untrained, so its ranking is close to "
                    "random; use a trained model for real results", err=True)
+
+
+@app.command()
+def bench(
+    suite_file: Annotated[Path, typer.Argument(metavar="SUITE", help="Suite file (.toml), for example benchmarks/suites/smoke.toml.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Results folder to create (default: benchmarks/results/<suite name>).")] = None,
+    index_dir: Annotated[Path, typer.Option(help="Folder for the indexes that the suite builds (a subfolder per suite).")] = Path("indexes/bench"),
+    max_queries: Annotated[int | None, typer.Option(min=1, help="Run every system, and the interaction micro-benchmark, on at most this many queries (the first of the suite's query order); for quick checks.")] = None,
+    model: Annotated[Optional[list[str]], typer.Option(help="Replace a model of the suite's models table, as KEY=SPEC (SPEC: default, a model folder, a backbone); repeatable.")] = None,
+    collection: Annotated[Optional[list[str]], typer.Option(help="Replace a collection's source, as NAME=SOURCE; repeatable.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto.")] = "auto",
+    threads: Annotated[int | None, typer.Option(min=1, help="PyTorch CPU threads for the whole run (default: PyTorch's choice, one per core).")] = None,
+    reuse_indexes: Annotated[bool, typer.Option("--reuse-indexes", help="Reuse complete indexes of the same source and model from an earlier run; their indexing figures are then not measured in this run.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of an earlier run in the output folder.")] = False,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Draw the PNG plots (needs matplotlib).")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no informational logs.")] = False,
+) -> None:
+    """Run a benchmark suite: every system on every collection, quality and efficiency, with a
+    JSON record, a Markdown report and plots."""
+    _setup_logging(quiet)
+    from mice_engine.bench import BenchError, BenchOptions, load_suite, run_suite
+
+    try:
+        suite = load_suite(suite_file, models=_assignments(model, "--model"),
+                           sources=_assignments(collection, "--collection"),
+                           max_queries=max_queries)
+        options = BenchOptions(
+            output=output or Path("benchmarks") / "results" / suite.name, index_dir=index_dir,
+            device=device, reuse_indexes=reuse_indexes, overwrite=overwrite,
+            show_progress=not quiet, plots=plots, threads=threads,
+            command=" ".join(["mice", *sys.argv[1:]]),
+        )
+        record = run_suite(suite, options)
+    except (BenchError, *_expected_errors()) as error:
+        raise _fail(error) from None
+    typer.echo(f"wrote {options.output}/record.json and {options.output}/report.md")
+    for name, values in record["collections"].items():
+        for system, result in values["systems"].items():
+            metrics = "  ".join(f"{metric} {value:.4f}" for metric, value in
+                                result["metrics"].items())
+            typer.echo(f"{name} {system} ({result['query_count']} queries): {metrics}")
+        interaction = values.get("interaction")
+        if interaction and interaction.get("ratio"):
+            typer.echo(f"{name} interaction: cross-encoder / MICE = {interaction['ratio']:.1f}x "
+                       f"over {interaction['query_count']} queries")
+
+
+def _assignments(values: Optional[list[str]], option: str) -> dict[str, str]:
+    assignments = {}
+    for value in values or []:
+        key, separator, spec = value.partition("=")
+        if not separator or not key or not spec:
+            raise _fail(ValueError(f"{option} {value!r} is invalid; write it as NAME=VALUE"))
+        assignments[key] = spec
+    return assignments
 
 
 def main() -> None:

@@ -129,6 +129,20 @@ class _AttentionOutput(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
 
+@dataclass
+class StateGroup:
+    """Documents of similar length, padded to one width, that cross-attention reads together.
+
+    ``states`` (n, W, H) and ``bias`` (n, 1, 1, W), the additive mask of the padding, belong to
+    rows ``start:end`` of the batch that the groups of one forward pass make up in order.
+    """
+
+    states: torch.Tensor
+    bias: torch.Tensor
+    start: int
+    end: int
+
+
 class _Attention(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -147,23 +161,8 @@ class _Attention(nn.Module):
         The batch dimension of ``queries`` may be 1 while ``memory`` has B rows, or the reverse:
         the smaller side is broadcast.
         """
-        projections = self.self
-        heads = self.num_heads
-        head_size = queries.shape[-1] // heads
-        q = F.linear(queries, projections.query.weight, projections.query.bias)
-        k = F.linear(memory, projections.key.weight, projections.key.bias)
-        v = F.linear(memory, projections.value.weight, projections.value.bias)
-        batch = max(q.shape[0], k.shape[0])
-        q = q.view(q.shape[0], q.shape[1], heads, head_size).transpose(1, 2).expand(batch, -1, -1, -1)
-        k = k.view(k.shape[0], k.shape[1], heads, head_size).transpose(1, 2).expand(batch, -1, -1, -1)
-        v = v.view(v.shape[0], v.shape[1], heads, head_size).transpose(1, 2).expand(batch, -1, -1, -1)
-        context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attention_dropout if self.training else 0.0
-        )
-        context = context.transpose(1, 2).reshape(batch, queries.shape[1], -1)
-        out = self.output.dropout(self.output.dense(context))
-        return self.output.LayerNorm(out + queries)
-
+        q = F.linear(queries, self.self.query.weight, self.self.query.bias)
+        return self._finish(self._projected_context(q, memory, bias), queries)
 
     def forward_folded(
         self, queries: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor
@@ -177,26 +176,82 @@ class _Attention(nn.Module):
         row this costs 2 * heads * Lq * hidden multiply-adds instead of 2 * hidden^2, which is
         less when heads * Lq < hidden (short queries).
         """
+        q = F.linear(queries, self.self.query.weight, self.self.query.bias)
+        context = self._folded_context(self._fold_keys(q), memory, bias, queries.shape[1])
+        return self._finish(context, queries)
+
+    def forward_groups(self, queries: torch.Tensor, groups: list[StateGroup],
+                       folded: list[bool]) -> torch.Tensor:
+        """Attend from ``queries`` (1 or B rows) to the documents of ``groups``, group by group,
+        with the folded path where ``folded`` says so; returns (B, Lq, H).
+
+        Only the attention itself runs per group. The query projections and the output block
+        run once over every document, which keeps the number of operations low.
+        """
+        q = F.linear(queries, self.self.query.weight, self.self.query.bias)
+        shared = q.shape[0] == 1
+        key_fold = self._fold_keys(q) if any(folded) else None
+        contexts = []
+        for group, fold in zip(groups, folded):
+            if fold:
+                part = key_fold if shared else key_fold[group.start : group.end]
+                contexts.append(self._folded_context(part, group.states, group.bias,
+                                                     queries.shape[1]))
+            else:
+                part = q if shared else q[group.start : group.end]
+                contexts.append(self._projected_context(part, group.states, group.bias))
+        context = contexts[0] if len(contexts) == 1 else torch.cat(contexts)
+        return self._finish(context, queries)
+
+    def _projected_context(self, q: torch.Tensor, memory: torch.Tensor,
+                           bias: torch.Tensor) -> torch.Tensor:
+        """Attention of projected queries ``q`` over ``memory``, before the output block."""
         projections = self.self
         heads = self.num_heads
-        hidden = queries.shape[-1]
+        rows, hidden = q.shape[1], q.shape[2]
         head_size = hidden // heads
-        rows = queries.shape[1]
-        batch = max(queries.shape[0], memory.shape[0])
-        q = F.linear(queries, projections.query.weight, projections.query.bias)
-        q = q.view(q.shape[0], rows, heads, head_size)
-        key_weight = projections.key.weight.view(heads, head_size, hidden)
-        folded = torch.einsum("blnd,ndk->bnlk", q, key_weight) * head_size**-0.5
-        folded = folded.expand(batch, -1, -1, -1).reshape(batch, heads * rows, hidden)
+        k = F.linear(memory, projections.key.weight, projections.key.bias)
+        v = F.linear(memory, projections.value.weight, projections.value.bias)
+        batch = max(q.shape[0], k.shape[0])
+        q = q.view(q.shape[0], rows, heads, head_size).transpose(1, 2).expand(batch, -1, -1, -1)
+        k = k.view(k.shape[0], k.shape[1], heads, head_size).transpose(1, 2).expand(batch, -1, -1, -1)
+        v = v.view(v.shape[0], v.shape[1], heads, head_size).transpose(1, 2).expand(batch, -1, -1, -1)
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attention_dropout if self.training else 0.0
+        )
+        return context.transpose(1, 2).reshape(batch, rows, hidden)
+
+    def _fold_keys(self, q: torch.Tensor) -> torch.Tensor:
+        """Fold the key projection (and the attention scale) into projected queries ``q``
+        (B, Lq, H); returns (B, heads * Lq, H), rows grouped by head."""
+        heads = self.num_heads
+        batch, rows, hidden = q.shape
+        head_size = hidden // heads
+        key_weight = self.self.key.weight.view(heads, head_size, hidden)
+        q = q.view(batch, rows, heads, head_size) * head_size**-0.5
+        return torch.einsum("blnd,ndk->bnlk", q, key_weight).reshape(batch, heads * rows, hidden)
+
+    def _folded_context(self, key_fold: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor,
+                        rows: int) -> torch.Tensor:
+        """Attention of folded queries over raw ``memory`` states, then the value projection of
+        the mixed states; before the output block."""
+        heads = self.num_heads
+        hidden = memory.shape[-1]
+        head_size = hidden // heads
+        batch = max(key_fold.shape[0], memory.shape[0])
+        key_fold = key_fold.expand(batch, -1, -1)
         memory = memory.expand(batch, -1, -1)
-        scores = torch.bmm(folded, memory.transpose(1, 2)) + bias.reshape(bias.shape[0], 1, -1)
+        scores = torch.bmm(key_fold, memory.transpose(1, 2)) + bias.reshape(bias.shape[0], 1, -1)
         weights = torch.softmax(scores, dim=-1)
         if self.training and self.attention_dropout:
             weights = F.dropout(weights, p=self.attention_dropout)
         mixed = torch.bmm(weights, memory).view(batch, heads, rows, hidden)
-        value_weight = projections.value.weight.view(heads, head_size, hidden)
+        value_weight = self.self.value.weight.view(heads, head_size, hidden)
         context = torch.einsum("bnlk,ndk->blnd", mixed, value_weight)
-        context = context.reshape(batch, rows, hidden) + projections.value.bias
+        return context.reshape(batch, rows, hidden) + self.self.value.bias
+
+    def _finish(self, context: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Output projection, dropout, residual connection and layer norm."""
         out = self.output.dropout(self.output.dense(context))
         return self.output.LayerNorm(out + queries)
 
@@ -245,11 +300,20 @@ class InteractionLayer(nn.Module):
         ``self_bias`` (Bq, 1, Lq, Lq) and ``cross_bias`` (B, 1, 1, Ld) are additive attention
         masks; ``folded`` selects :meth:`_Attention.forward_folded` for the cross-attention.
         """
+        group = StateGroup(doc_states, cross_bias, 0, doc_states.shape[0])
+        return self.forward_groups(hidden, self_bias, [group], [folded])
+
+    def forward_groups(self, hidden: torch.Tensor, self_bias: torch.Tensor,
+                       groups: list[StateGroup], folded: list[bool]) -> torch.Tensor:
+        """Apply the layer with the documents given as length groups (see :class:`StateGroup`),
+        each read on the folded path or not as ``folded`` says; returns (B, Lq, H)."""
         attended = self.attention(hidden, hidden, self_bias)
-        cross = self.crossattention.forward_folded if folded else self.crossattention
-        tokens = cross(attended[:, 1:], doc_states, cross_bias)
-        cls = attended[:, :1].expand(tokens.shape[0], -1, -1)
-        return self.feed_forward(torch.cat([cls, tokens], dim=1))
+        tokens = self.crossattention.forward_groups(attended[:, 1:], groups, folded)
+        tokens = self.feed_forward(tokens)
+        # The feed-forward block works row by row, so [CLS], which skips cross-attention, goes
+        # through it apart; when one query serves every document, that happens once.
+        cls = self.feed_forward(attended[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1)
 
     def feed_forward(self, hidden: torch.Tensor) -> torch.Tensor:
         inner = self.intermediate.dense(hidden)
@@ -314,7 +378,8 @@ class MiceModel(nn.Module):
         self.scorer = nn.Linear(backbone_config.hidden_size, 1)
         # How cross-attention reads document states: "projected" (keys and values projected
         # from the states, as BERT does), "folded" (projections moved to the query side, see
-        # _Attention.forward_folded) or "auto" (whichever costs fewer multiply-adds).
+        # _Attention.forward_folded) or "auto" (whichever costs fewer multiply-adds, layer by
+        # layer and batch by batch; see _fold_cross_attention).
         self.cross_attention_mode = "auto"
 
     @property
@@ -357,45 +422,85 @@ class MiceModel(nn.Module):
         Bq is either B (one query per document, as in training) or 1 (one query against B
         candidates, as at search time). With Bq = 1 the first self-attention runs once.
         """
-        if query_states.shape[0] not in (1, doc_states.shape[0]):
+        return self.score_groups(query_states, query_mask, [(doc_states, doc_mask)])
+
+    def score_groups(
+        self,
+        query_states: torch.Tensor,
+        query_mask: torch.Tensor,
+        groups: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Score documents given as groups of (states (n, W, H), mask (n, W)), each group padded
+        to its own width W; returns one logit per document, in group order.
+
+        The result equals :meth:`score_states` on all documents padded to one width. Grouping
+        documents of similar length cuts the padding that cross-attention reads, while every
+        other step runs once over all documents. Bq is 1 or the total number of documents.
+        """
+        if not groups:
+            raise ValueError("no document group to score")
+        batch = sum(states.shape[0] for states, _ in groups)
+        if query_states.shape[0] not in (1, batch):
             raise ValueError(
                 f"query batch {query_states.shape[0]} must be 1 or equal the document batch "
-                f"{doc_states.shape[0]}"
+                f"{batch}"
             )
         dtype = query_states.dtype
-        doc_states = doc_states.to(dtype)
+        prepared = []
+        start = 0
+        for states, mask in groups:
+            bias = _additive_mask(mask.bool()[:, None, None, :], dtype)
+            prepared.append(StateGroup(states.to(dtype), bias, start, start + states.shape[0]))
+            start += states.shape[0]
         query_keep = query_mask.bool()
         lq = query_states.shape[1]
         # Self-attention: every row reads the non-padding query tokens, except that rows other
         # than [CLS] may not read [CLS] (column 0).
         self_bias = _additive_mask(query_self_attention_mask(query_keep), dtype)
-        cross_bias = _additive_mask(doc_mask.bool()[:, None, None, :], dtype)
-        batch = doc_states.shape[0]
 
         hidden = query_states
         last = len(self.interaction_layers) - 1
         for depth, layer in enumerate(self.interaction_layers):
             if depth == last:
                 # Only [CLS] feeds the score, and [CLS] skips cross-attention: the last layer
-                # needs its [CLS] row alone, and no document keys or values at all.
-                cls = layer.attention(hidden[:, :1], hidden, self_bias[:, :, :1])
+                # needs its [CLS] row alone, and no document keys or values at all. For one
+                # row, folding the key and value projections into the query side is cheaper
+                # than projecting every query token.
+                cls = layer.attention.forward_folded(hidden[:, :1], hidden, self_bias[:, :, :1])
                 cls = layer.feed_forward(cls)
                 break
-            hidden = layer(hidden, self_bias, doc_states, cross_bias,
-                           folded=self._fold_cross_attention(lq - 1))
+            folded = [self._fold_cross_attention(lq - 1, group.states.shape[1],
+                                                 shared_query=hidden.shape[0] == 1)
+                      for group in prepared]
+            hidden = layer.forward_groups(hidden, self_bias, prepared, folded)
         else:  # pragma: no cover - the constructor requires at least one interaction layer
             raise AssertionError("no interaction layer")
         pooled = torch.tanh(self.pooler.dense(cls[:, 0]))
         pooled = pooled.expand(batch, -1)
         return self.scorer(self.dropout(pooled)).squeeze(-1)
 
-    def _fold_cross_attention(self, query_rows: int) -> bool:
+    def _fold_cross_attention(self, query_rows: int, doc_tokens: int,
+                              shared_query: bool = False) -> bool:
+        """Whether cross-attention of ``query_rows`` rows over ``doc_tokens`` stored tokens per
+        document takes the folded path.
+
+        In "auto" mode the path with fewer multiply-adds per document wins. Projected costs
+        ``2 * hidden * (hidden + rows)`` per stored token. Folded costs
+        ``2 * heads * rows * hidden`` per stored token, plus ``rows * hidden^2`` for the value
+        projection of the mixed states, plus as much again for folding the key projection into
+        the query unless one query is ``shared_query`` by every document.
+        """
         if self.cross_attention_mode not in ("auto", "folded", "projected"):
             raise ValueError(f"cross_attention_mode must be auto, folded or projected, got "
                              f"{self.cross_attention_mode!r}")
-        if self.cross_attention_mode == "auto":
-            return self.backbone_config.num_attention_heads * query_rows < self.hidden_size
-        return self.cross_attention_mode == "folded"
+        if self.cross_attention_mode != "auto":
+            return self.cross_attention_mode == "folded"
+        hidden = self.hidden_size
+        heads = self.backbone_config.num_attention_heads
+        folded = (2 * heads * query_rows * hidden * doc_tokens
+                  + query_rows * hidden * hidden * (1 if shared_query else 2))
+        projected = 2 * hidden * (hidden + query_rows) * doc_tokens
+        return folded < projected
 
     def forward(
         self,

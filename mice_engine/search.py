@@ -54,6 +54,31 @@ def rank_order(doc_ids: list[str], scores: np.ndarray) -> list[int]:
     return sorted(order, key=lambda i: -float(scores[i]))
 
 
+def length_batches(lengths: np.ndarray, max_batch: int,
+                   max_padding: float = 0.1) -> list[np.ndarray]:
+    """Group positions into batches of similar length, longest first.
+
+    A batch contains at most ``max_batch`` positions, and padding every member to the batch's
+    longest adds at most ``max_padding`` of its real length. Cross-attention costs time per
+    stored token, so padded tokens cost as much as real ones.
+    """
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        width = int(lengths[order[start]])
+        end, real = start + 1, width
+        while end < len(order) and end - start < max_batch:
+            candidate = real + int(lengths[order[end]])
+            if width * (end - start + 1) > (1 + max_padding) * candidate:
+                break
+            real = candidate
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
 class Index:
     """A complete index folder opened for search: manifest, state store and BM25."""
 
@@ -156,7 +181,7 @@ class Searcher:
     """
 
     def __init__(self, index: Index | str | os.PathLike, model: MiceModel | str | None = None,
-                 device: str | None = None, batch_size: int = 64, fusion: bool = True) -> None:
+                 device: str | None = None, batch_size: int = 128, fusion: bool = True) -> None:
         import torch
 
         self.index = index if isinstance(index, Index) else Index(index)
@@ -233,36 +258,47 @@ class Searcher:
             timings["query_encoding"] += time.perf_counter() - tick
 
             # Each candidate is scored by its best window (one window unless the index split
-            # long documents). Windows of similar length are batched together to pad little.
+            # long documents). A forward pass takes up to batch_size windows, longest first,
+            # and cross-attention reads them in groups of similar length, to pad little.
             store = self.index.store
             windows = [(i, start, end) for i, row in enumerate(rows)
                        for start, end in store.windows(int(row))]
             lengths = np.array([end - start for _, start, end in windows])
-            by_length = np.argsort(-lengths, kind="stable")
             window_scores = np.empty(len(windows), dtype=np.float32)
+            by_length = np.argsort(-lengths, kind="stable")
             for first in range(0, len(windows), self.batch_size):
-                batch = by_length[first : first + self.batch_size]
+                members = by_length[first : first + self.batch_size]
                 tick = time.perf_counter()
-                width = int(lengths[batch].max())
-                padded = np.zeros((len(batch), width, store.hidden_size), dtype=np.float16)
-                mask = np.zeros((len(batch), width), dtype=bool)
-                for slot, w in enumerate(batch):
-                    _, start, end = windows[w]
-                    padded[slot, : end - start] = store.rows(start, end)
-                    mask[slot, : end - start] = True
-                doc_states = torch.from_numpy(padded).to(self.device, dtype=query_states.dtype)
-                doc_mask = torch.from_numpy(mask).to(self.device)
+                groups, order = [], []
+                for group in length_batches(lengths[members], len(members)):
+                    batch = members[group]
+                    groups.append(self._load_windows([windows[w] for w in batch],
+                                                     query_states.dtype))
+                    order.append(batch)
                 timings["load_states"] += time.perf_counter() - tick
 
                 tick = time.perf_counter()
-                logits = self.model.score_states(query_states, query_mask, doc_states, doc_mask)
-                window_scores[batch] = logits.float().cpu().numpy()
+                logits = self.model.score_groups(query_states, query_mask, groups)
+                window_scores[np.concatenate(order)] = logits.float().cpu().numpy()
                 timings["interaction"] += time.perf_counter() - tick
             scores = np.full(len(rows), -np.inf, dtype=np.float32)
             np.maximum.at(scores, [i for i, _, _ in windows], window_scores)
         if not np.isfinite(scores).all():
             raise FloatingPointError(f"non-finite MICE scores for query {query!r}")
         return scores, truncated
+
+    def _load_windows(self, windows: list[tuple[int, int, int]], dtype):
+        """Read windows' stored states into one zero-padded batch; returns (states, mask)."""
+        torch = self._torch
+        store = self.index.store
+        width = max(end - start for _, start, end in windows)
+        padded = np.zeros((len(windows), width, store.hidden_size), dtype=np.float16)
+        mask = np.zeros((len(windows), width), dtype=bool)
+        for slot, (_, start, end) in enumerate(windows):
+            padded[slot, : end - start] = store.rows(start, end)
+            mask[slot, : end - start] = True
+        return (torch.from_numpy(padded).to(self.device, dtype=dtype),
+                torch.from_numpy(mask).to(self.device))
 
     def search_many(self, queries: Iterable[Query], **options: Any) -> Iterator[tuple[Query, SearchResult]]:
         for query in queries:

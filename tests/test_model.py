@@ -319,3 +319,22 @@ def test_shipped_default_model_is_trained_and_small(backbone_model):
 def test_default_model_takes_no_layer_options():
     with pytest.raises(ModelError, match="all-MiniLM-L6-v2"):
         load_model("default", merge_layer=2)
+
+
+def test_grouped_scores_equal_padded_batch(tiny):
+    docs, doc_mask = encoded(tiny, DOCUMENTS, 24)
+    lengths = doc_mask.sum(dim=1)
+    order = torch.argsort(lengths, descending=True)
+    groups = []
+    for part in (order[:1], order[1:3], order[3:]):
+        width = int(lengths[part].max())
+        groups.append((docs[part, :width], doc_mask[part, :width]))
+    for mode in ("projected", "folded", "auto"):
+        tiny.cross_attention_mode = mode
+        for text in QUERIES:
+            query, query_mask = encoded(tiny, [text], 16)
+            with torch.no_grad():
+                padded = tiny.score_states(query, query_mask, docs, doc_mask)
+                grouped = tiny.score_groups(query, query_mask, groups)
+            torch.testing.assert_close(grouped, padded[order], atol=ATOL, rtol=0)
+    tiny.cross_attention_mode = "auto"
