@@ -556,8 +556,8 @@ def bench(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Results folder to create (default: benchmarks/results/<suite name>).")] = None,
     index_dir: Annotated[Path, typer.Option(help="Folder for the indexes that the suite builds (a subfolder per suite).")] = Path("indexes/bench"),
     max_queries: Annotated[int | None, typer.Option(min=1, help="Run every system, and the interaction micro-benchmark, on at most this many queries (the first of the suite's query order); for quick checks.")] = None,
-    model: Annotated[Optional[list[str]], typer.Option(help="Replace a model of the suite's models table, as KEY=SPEC (SPEC: default, a model folder, a backbone); repeatable.")] = None,
-    collection: Annotated[Optional[list[str]], typer.Option(help="Replace a collection's source, as NAME=SOURCE; repeatable.")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="Replace a model of the suite's models table, as KEY=SPEC (SPEC: default, a model folder, a backbone); repeatable.")] = None,
+    collection: Annotated[list[str] | None, typer.Option(help="Replace a collection's source, as NAME=SOURCE; repeatable.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto.")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="PyTorch CPU threads for the whole run (default: PyTorch's choice, one per core).")] = None,
     reuse_indexes: Annotated[bool, typer.Option("--reuse-indexes", help="Reuse complete indexes of the same source and model from an earlier run; their indexing figures are then not measured in this run.")] = False,
@@ -595,7 +595,7 @@ def bench(
                        f"over {interaction['query_count']} queries")
 
 
-def _assignments(values: Optional[list[str]], option: str) -> dict[str, str]:
+def _assignments(values: list[str] | None, option: str) -> dict[str, str]:
     assignments = {}
     for value in values or []:
         key, separator, spec = value.partition("=")
