@@ -44,6 +44,24 @@ class DuplicatePolicy(str, Enum):
     first = "first"
 
 
+class FirstStage(str, Enum):
+    bm25 = "bm25"
+    dense = "dense"
+    hybrid = "hybrid"
+
+
+class DenseKind(str, Enum):
+    auto = "auto"
+    ivfpq = "ivfpq"
+    flat = "flat"
+
+
+COMPRESSION_HELP = ("How states are stored: float16 (768 bytes per token at hidden size 384), int8 "
+                    "(384), int4 (192), or ivfpqM: M-byte product-quantisation codes of the "
+                    "residuals to coarse k-means centroids, plus 1 or 2 bytes for the centroid "
+                    "(ivfpq64: 66 bytes per token; M must divide the hidden size).")
+
+
 def _setup_logging(quiet: bool) -> None:
     # force=True: a command owns the process's logging, and its handler must write to the
     # standard error of this invocation.
@@ -64,6 +82,26 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     from mice_engine.store import StoreError
 
     return (MiceIndexError, ModelError, SourceError, StoreError, ValueError, FileNotFoundError)
+
+
+def _storage_summary(manifest: dict) -> str:
+    """One line on how an index stores its states, and its dense index if it has one."""
+    states = manifest["states"]
+    codec = states.get("codec") or {}
+    line = (f"states: {codec.get('name', 'float16')}, {states['bytes_per_token']} bytes per "
+            f"stored token ({states['file_bytes_per_token']} with ids and texts)")
+    if codec.get("fallback_reason"):
+        line += f"; {codec['requested']} fell back to {codec['name']}: {codec['fallback_reason']}"
+    if states.get("float16_kept") and codec.get("name", "float16") != "float16":
+        line += "; float16 states kept beside the codes"
+    dense = manifest["first_stage"].get("dense")
+    if dense is not None:
+        size = manifest.get("files", {}).get(dense["path"], {}).get("bytes", 0)
+        line += (f"\ndense index: {dense['kind']}, {dense['tokens']:,} token vectors, "
+                 f"{_human_bytes(size)}")
+        if dense.get("inverted_lists"):
+            line += f", {dense['inverted_lists']:,} inverted lists, {dense['pq_bytes']}-byte codes"
+    return line
 
 
 def _human_bytes(count: float) -> str:
@@ -102,6 +140,12 @@ def index(
     on_duplicate: Annotated[DuplicatePolicy, typer.Option(help="What a repeated document id does: stop with an error, or keep the first document with that id.")] = DuplicatePolicy.error,
     long_documents: Annotated[LongDocumentPolicy, typer.Option(help="Documents longer than the maximum length: keep their beginning (truncate), or store overlapping windows and score each document by its best window.")] = LongDocumentPolicy.truncate,
     window_stride: Annotated[int | None, typer.Option(min=1, help="Tokens between the starts of two windows [default: half the maximum length].")] = None,
+    compression: Annotated[str, typer.Option(help=COMPRESSION_HELP)] = "float16",
+    keep_float16: Annotated[bool, typer.Option("--keep-float16", help="Keep the float16 states beside the codes (768 more bytes per token at hidden size 384), so that other codecs can be derived later.")] = False,
+    dense: Annotated[bool, typer.Option("--dense/--no-dense", help="Build the dense first stage: a FAISS index of every stored token state.")] = False,
+    dense_index: Annotated[DenseKind, typer.Option(help="Dense index kind: ivfpq (inverted lists, 1 byte per 8 dimensions), flat (exact, 4 bytes per dimension), or auto (flat below 9,984 token states, else ivfpq).")] = DenseKind.auto,
+    max_train_vectors: Annotated[int, typer.Option(min=1, help="Most token states in the training sample of a codec or dense index.")] = 131_072,
+    max_train_mib: Annotated[float, typer.Option(min=1, help="Most MiB (float32) in that training sample.")] = 256,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
 ) -> None:
     """Encode every document through the lower MICE layers and store its per-token states."""
@@ -124,6 +168,11 @@ def index(
     from mice_engine.indexing import build_index
     from mice_engine.model import load_model
     from mice_engine.sources import open_documents
+    from mice_engine.storage import StorageOptions
+
+    storage = StorageOptions(compression=compression, keep_float16=keep_float16, dense=dense,
+                             dense_kind=dense_index.value, max_train_vectors=max_train_vectors,
+                             max_train_mib=max_train_mib)
 
     # SIGTERM (from `kill` or a scheduler) ends the build like Ctrl-C, with the resume hint.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -136,7 +185,7 @@ def index(
             source, output, model=mice_model, batch_size=batch_size, chunk_size=chunk_size,
             device=device, mode=build_mode,
             on_duplicate=on_duplicate.value, long_documents=long_documents.value,
-            window_stride=window_stride, show_progress=not quiet,
+            window_stride=window_stride, storage=storage, show_progress=not quiet,
         )
     except _expected_errors() as error:
         raise _fail(error) from None
@@ -153,10 +202,42 @@ def index(
     typer.echo(f"time: {build['seconds']:.1f} s (encoding {build['encode_seconds']:.1f} s on "
                f"{build['device']}), {build['documents_per_second'] or 0:,.1f} documents/s, "
                f"{build['tokens_per_second'] or 0:,.0f} tokens/s")
-    typer.echo(f"size: {_human_bytes(manifest['bytes'])} on disk; {states['bytes_per_token']} "
-               f"bytes per stored token ({states['file_bytes_per_token']} with ids and texts)")
+    typer.echo(f"size: {_human_bytes(manifest['bytes'])} on disk")
+    typer.echo(_storage_summary(manifest))
     if not manifest["model"]["trained"]:
         typer.echo(UNTRAINED_NOTE, err=True)
+
+
+@app.command()
+def compress(
+    source: Annotated[Path, typer.Argument(metavar="SOURCE_INDEX", help="Complete index whose float16 states are coded.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Index folder to create.")],
+    compression: Annotated[str, typer.Option(help=COMPRESSION_HELP)] = "ivfpq64",
+    keep_float16: Annotated[bool, typer.Option("--keep-float16", help="Keep the float16 states beside the codes.")] = False,
+    dense: Annotated[bool | None, typer.Option("--dense/--no-dense", help="Build a dense index from the source's float16 states, or leave it out [default: copy the source's dense index when it has one].")] = None,
+    dense_index: Annotated[DenseKind, typer.Option(help="Dense index kind, with --dense: ivfpq, flat or auto.")] = DenseKind.auto,
+    max_train_vectors: Annotated[int, typer.Option(min=1, help="Most token states in a training sample.")] = 131_072,
+    max_train_mib: Annotated[float, typer.Option(min=1, help="Most MiB (float32) in a training sample.")] = 256,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index at --output once the new one is complete.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
+) -> None:
+    """Derive an index with compressed states (or a dense index) from an index, without encoding
+    documents again. The source is not modified."""
+    _setup_logging(quiet)
+    from mice_engine.storage import StorageOptions, derive_index
+
+    storage = StorageOptions(compression=compression, keep_float16=keep_float16, dense=dense,
+                             dense_kind=dense_index.value, max_train_vectors=max_train_vectors,
+                             max_train_mib=max_train_mib)
+    try:
+        manifest = derive_index(source, output, storage,
+                                mode="overwrite" if overwrite else "create",
+                                show_progress=not quiet)
+    except _expected_errors() as error:
+        raise _fail(error) from None
+    typer.echo(f"index: {output} (from {source})")
+    typer.echo(f"size: {_human_bytes(manifest['bytes'])} on disk")
+    typer.echo(_storage_summary(manifest))
 
 
 @app.command()
@@ -166,8 +247,11 @@ def search(
     queries: Annotated[str | None, typer.Option(help="Run a query set instead: a BEIR folder, queries .jsonl/.tsv, or irds:<id>.")] = None,
     split: Annotated[str, typer.Option(help="Split whose judged queries a BEIR folder contributes (qrels/<split>.tsv).")] = "test",
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results per query.")] = 10,
-    candidates: Annotated[int, typer.Option(min=1, help="BM25 candidates re-scored by MICE per query.")] = 100,
-    first_stage_only: Annotated[bool, typer.Option("--first-stage-only", help="Return the BM25 ranking itself, without MICE.")] = False,
+    candidates: Annotated[int, typer.Option(min=1, help="First-stage candidates re-scored by MICE per query.")] = 100,
+    first_stage_only: Annotated[bool, typer.Option("--first-stage-only", help="Return the first-stage ranking itself, without MICE.")] = False,
+    first_stage: Annotated[FirstStage, typer.Option(help="bm25, dense (the index's FAISS index of token states), or hybrid (both, fused by reciprocal rank fusion with k = 60).")] = FirstStage.bm25,
+    nprobe: Annotated[int | None, typer.Option(min=1, help="Inverted lists the dense index visits per query token [default: 32].")] = None,
+    token_candidates: Annotated[int | None, typer.Option(min=1, help="Nearest stored tokens per query token in the dense first stage [default: 256 or --candidates, whichever is larger].")] = None,
     output_format: Annotated[OutputFormat, typer.Option("--format", help="text (a readable table) or json.")] = OutputFormat.text,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="TREC run file to write for --queries ('-' for standard output).")] = None,
     tag: Annotated[str | None, typer.Option(help="Run tag in the TREC file [default: mice or bm25].")] = None,
@@ -193,6 +277,9 @@ def search(
                             fusion=fusion)
     except _expected_errors() as error:
         raise _fail(error) from None
+    options = {"k": k, "candidates": candidates, "first_stage_only": first_stage_only,
+               "first_stage": first_stage.value, "nprobe": nprobe,
+               "token_candidates": token_candidates}
     if searcher.fusion_scale is not None and not first_stage_only and not quiet:
         typer.echo(f"ranking: MICE score + {searcher.fusion_scale:.3f} x BM25 score, as the model "
                    "was trained; --no-fusion ranks by MICE alone", err=True)
@@ -201,10 +288,13 @@ def search(
                    "on held-out training queries); --no-fusion ranks by MICE alone", err=True)
     try:
         if query is not None:
-            _search_one(searcher, query, k, candidates, first_stage_only, output_format, timings)
+            _search_one(searcher, query, options, output_format, timings)
         else:
-            _search_set(searcher, queries, split, k, candidates, first_stage_only, output,
-                        tag or ("bm25" if first_stage_only else "mice"), timings, quiet)
+            default_tag = first_stage.value if first_stage_only else f"{first_stage.value}-mice"
+            if first_stage is FirstStage.bm25 and not first_stage_only:
+                default_tag = "mice"
+            _search_set(searcher, queries, split, options, output, tag or default_tag, timings,
+                        quiet)
     except _expected_errors() as error:
         raise _fail(error) from None
     finally:
@@ -216,35 +306,41 @@ def _snippet(title: str | None, text: str | None, width: int = 100) -> str:
     return value if len(value) <= width else value[: width - 1] + "…"
 
 
-def _search_one(searcher, query, k, candidates, first_stage_only, output_format, timings_path):
-    result = searcher.search(query, k=k, candidates=candidates,
-                             first_stage_only=first_stage_only, with_text=True)
+def _search_one(searcher, query, options, output_format, timings_path):
+    from mice_engine.search import resident_memory_mib
+
+    result = searcher.search(query, with_text=True, **options)
+    memory = resident_memory_mib()
     if timings_path is not None:
-        _write_timings(timings_path, [result.timings], None)
+        _write_timings(timings_path, [result.timings], None, memory)
+    first_stage_only = options["first_stage_only"]
     if output_format is OutputFormat.json:
         payload = {
             "query": query,
-            "system": "bm25" if first_stage_only else "bm25>mice",
+            "system": result.first_stage if first_stage_only else f"{result.first_stage}>mice",
             "model": searcher.model.config.name,
             "model_trained": searcher.model.config.trained,
             "candidates": result.candidates,
             "query_truncated": result.query_truncated,
             "timings_ms": {stage: round(value * 1000, 3) for stage, value in result.timings.items()},
+            "memory_mib": memory,
             "hits": [hit.__dict__ for hit in result.hits],
         }
         typer.echo(json.dumps(payload, ensure_ascii=False, indent=2))
         return
     if not result.hits:
-        typer.echo(f"no document shares a term with the query {query!r}")
+        typer.echo(f"the {result.first_stage} first stage found no candidate for the query "
+                   f"{query!r}")
         return
     from rich.console import Console
     from rich.table import Table
 
-    system = "BM25" if first_stage_only else f"BM25 > {searcher.model.config.name}"
+    stage_name = {"bm25": "BM25", "dense": "dense", "hybrid": "hybrid"}[result.first_stage]
+    system = stage_name if first_stage_only else f"{stage_name} > {searcher.model.config.name}"
     table = Table(title=f"{system}: {len(result.hits)} of {result.candidates} candidates",
                   title_justify="left")
     for column, justify in (("rank", "right"), ("doc id", "left"), ("score", "right"),
-                            ("bm25 rank", "right"), ("title / text", "left")):
+                            (f"{result.first_stage} rank", "right"), ("title / text", "left")):
         table.add_column(column, justify=justify, overflow="fold" if column == "doc id" else "ellipsis")
     for hit in result.hits:
         table.add_row(str(hit.rank), hit.doc_id, f"{hit.score:.4f}", str(hit.first_stage_rank),
@@ -252,12 +348,11 @@ def _search_one(searcher, query, k, candidates, first_stage_only, output_format,
     Console(width=max(120, Console().width)).print(table)
 
 
-def _search_set(searcher, source, split, k, candidates, first_stage_only, output, tag,
-                timings_path, quiet):
+def _search_set(searcher, source, split, options, output, tag, timings_path, quiet):
     from tqdm.auto import tqdm
 
     from mice_engine.evaluation import write_trec_run
-    from mice_engine.search import latency_summary
+    from mice_engine.search import latency_summary, resident_memory_mib
     from mice_engine.sources import read_queries
 
     query_list = read_queries(source, split=split)
@@ -270,8 +365,7 @@ def _search_set(searcher, source, split, k, candidates, first_stage_only, output
     empty = 0
     for item in tqdm(query_list, unit="query", desc="searching", disable=quiet,
                      dynamic_ncols=True):
-        result = searcher.search(item.text, k=k, candidates=candidates,
-                                 first_stage_only=first_stage_only)
+        result = searcher.search(item.text, **options)
         run[item.id] = [(hit.doc_id, hit.score) for hit in result.hits]
         per_query.append(result.timings)
         empty += not result.hits
@@ -288,20 +382,27 @@ def _search_set(searcher, source, split, k, candidates, first_stage_only, output
         typer.echo(f"wrote {sum(len(hits) for hits in run.values()):,} results for "
                    f"{len(run):,} queries to {output}", err=True)
     if empty:
-        typer.echo(f"{empty} queries got no result (no document shares a term with them)",
-                   err=True)
+        typer.echo(f"{empty} queries got no result (the {options['first_stage']} first stage "
+                   "found no candidate)", err=True)
     summary = latency_summary(per_query)
     lines = [f"  {stage:<15} p50 {values['p50_ms']:8.1f} ms   p95 {values['p95_ms']:8.1f} ms"
              for stage, values in summary.items()]
     typer.echo("latency per query:\n" + "\n".join(lines), err=True)
+    memory = resident_memory_mib()
+    states_bytes = searcher.index.manifest["states"]["bytes"]
+    typer.echo(f"resident memory: {memory['rss_mib']:,.0f} MiB now, {memory['peak_rss_mib']:,.0f} "
+               f"MiB at peak; the state store takes {_human_bytes(states_bytes)} on disk", err=True)
     if timings_path is not None:
-        _write_timings(timings_path, per_query, [item.id for item in query_list])
+        _write_timings(timings_path, per_query, [item.id for item in query_list], memory)
 
 
-def _write_timings(path: Path, per_query: list[dict], query_ids: list[str] | None) -> None:
+def _write_timings(path: Path, per_query: list[dict], query_ids: list[str] | None,
+                   memory: dict[str, float] | None = None) -> None:
     from mice_engine.search import latency_summary
 
     payload = {"summary_ms": latency_summary(per_query), "per_query_seconds": per_query}
+    if memory is not None:
+        payload["memory_mib"] = memory
     if query_ids is not None:
         payload["query_ids"] = query_ids
     path.parent.mkdir(parents=True, exist_ok=True)
