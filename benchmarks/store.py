@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import REPO, git_commit, hardware  # noqa: E402
+from pipeline import REPO, git_commit, hardware
 
 DEFAULT_CODECS = "int8,int4,ivfpq64,ivfpq32,ivfpq16"
 MICE_METRICS = ("nDCG@10", "RR@10", "R@100")
@@ -94,7 +94,7 @@ def search_process_memory(index: Path, queries_file: Path, first_stage: str,
             command += ["--model", model]
         started = time.perf_counter()
         completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                                   env={**os.environ, "PYTHONPATH": str(REPO)})
+                                   env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
         if completed.returncode != 0:
             raise RuntimeError(f"mice search failed: {completed.stderr}")
         payload = json.loads(timings.read_text())

@@ -18,7 +18,7 @@ Codecs, by name (``--compression``):
 
 Every codec except ``float16`` is a FAISS index object used only through ``sa_encode`` and
 ``sa_decode`` (FAISS's standalone codec interface) and saved with ``faiss.write_index``. The
-file holds only the trained parameters (ranges, centroids, codebooks), never the codes.
+file contains only the trained parameters (ranges, centroids, codebooks), never the codes.
 
 Training reads a seeded random sample of the states, bounded both in vectors and in bytes. A
 corpus too small for a codec's codebooks falls back to ``int8``, logs a warning and records the
@@ -280,8 +280,8 @@ def compress_states(source: Path, output: Path, name: str, *, keep_float16: bool
     started = time.perf_counter()
     with StateStore(source, prefer_float16=True) as store:
         if store.codec is not None:
-            raise StoreError(f"{source} holds {store.codec.name} codes, not float16 states; "
-                             "compress from an index that holds float16 states")
+            raise StoreError(f"{source} contains {store.codec.name} codes, not float16 states; "
+                             "compress from an index that contains float16 states")
         tokens, hidden = store.num_tokens, store.hidden_size
         plan = plan_codec(name, tokens, hidden, max_train_vectors=max_train_vectors,
                           max_train_mib=max_train_mib)

@@ -10,11 +10,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import shared_collection
+
 from mice_engine.check import check_index
-from mice_engine.compression import (CODEC_FILE, CodecError, coarse_centroids, parse_codec_name,
-                                     plan_codec)
+from mice_engine.compression import (
+    CODEC_FILE,
+    CodecError,
+    coarse_centroids,
+    parse_codec_name,
+    plan_codec,
+)
 from mice_engine.indexing import MANIFEST_FILE, MiceIndexError, build_index, read_manifest
 from mice_engine.model import MiceModel
 from mice_engine.search import Searcher
@@ -174,7 +179,7 @@ def test_keep_float16_is_explicit(adi_float16, tmp_path):
 def test_codes_only_index_cannot_be_recompressed(adi_float16, tmp_path):
     derive_index(adi_float16, tmp_path / "int8", StorageOptions(compression="int8"),
                  show_progress=False)
-    with pytest.raises(StoreError, match="holds no float16 states|not float16 states"):
+    with pytest.raises(StoreError, match="contains no float16 states|not float16 states"):
         derive_index(tmp_path / "int8", tmp_path / "int4", StorageOptions(compression="int4"),
                      show_progress=False)
     assert not (tmp_path / "int4").exists()

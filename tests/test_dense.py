@@ -7,14 +7,21 @@ import json
 import faiss
 import numpy as np
 import pytest
+from conftest import shared_collection
 from typer.testing import CliRunner
 
 from cli.main import app
-from conftest import shared_collection
 from mice_engine.check import check_index
-from mice_engine.dense import (DENSE_FILE, DenseFirstStage, aggregate_token_matches,
-                               build_dense_index, inverted_lists, maxsim_scores,
-                               query_token_vectors, reciprocal_rank_fusion)
+from mice_engine.dense import (
+    DENSE_FILE,
+    DenseFirstStage,
+    aggregate_token_matches,
+    build_dense_index,
+    inverted_lists,
+    maxsim_scores,
+    query_token_vectors,
+    reciprocal_rank_fusion,
+)
 from mice_engine.encoding import encode_query
 from mice_engine.indexing import MiceIndexError, build_index, read_manifest
 from mice_engine.model import MiceModel
