@@ -44,11 +44,24 @@ def adi_float16(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cranfield_float16(tiny_model, tmp_path_factory):
-    """Cranfield cut to 64 tokens per document: about 84,000 token states, enough for ivfpq."""
-    folder = tmp_path_factory.mktemp("cranfield") / "float16"
-    build_index(shared_collection("cranfield"), folder, model=tiny_model, show_progress=False,
-                batch_size=64)
-    return folder
+    """The first 300 Cranfield documents, cut to 64 tokens: about 18,000 token states, enough
+    for ivfpq."""
+    folder = tmp_path_factory.mktemp("cranfield")
+    corpus = first_documents(shared_collection("cranfield"), 300, folder / "corpus.jsonl")
+    build_index(corpus, folder / "float16", model=tiny_model, show_progress=False, batch_size=64)
+    return folder / "float16"
+
+
+def first_documents(source, count, path):
+    """Write the first ``count`` documents of ``source`` as a BEIR corpus file."""
+    from itertools import islice
+
+    from mice_engine.sources import open_documents
+
+    lines = [json.dumps({"_id": doc.id, "title": doc.title, "text": doc.text}) + "\n"
+             for doc in islice(iter(open_documents(source)), count)]
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
 
 
 def float16_rows(folder):

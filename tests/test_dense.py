@@ -50,9 +50,19 @@ def adi_dense(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cranfield_dense(tiny_model, tmp_path_factory):
-    """Cranfield cut to 64 tokens per document, with an ivfpq dense index and an exact one."""
-    folder = tmp_path_factory.mktemp("cranfield") / "index"
-    build_index(shared_collection("cranfield"), folder, model=tiny_model, show_progress=False,
+    """The first 300 Cranfield documents cut to 64 tokens (about 18,000 token states), with an
+    ivfpq dense index and an exact one."""
+    from itertools import islice
+
+    from mice_engine.sources import open_documents
+
+    root = tmp_path_factory.mktemp("cranfield")
+    documents = islice(iter(open_documents(shared_collection("cranfield"))), 300)
+    (root / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": doc.id, "title": doc.title, "text": doc.text}) + "\n"
+        for doc in documents), encoding="utf-8")
+    folder = root / "index"
+    build_index(root / "corpus.jsonl", folder, model=tiny_model, show_progress=False,
                 batch_size=64, storage=StorageOptions(dense=True, dense_kind="ivfpq"))
     with StateStore(folder / STATES_FILE) as store:
         record = build_dense_index(store, folder / "flat.faiss", "flat")
