@@ -57,9 +57,11 @@ class DenseKind(str, Enum):
 
 
 COMPRESSION_HELP = ("How states are stored: float16 (768 bytes per token at hidden size 384), int8 "
-                    "(384), int4 (192), or ivfpqM: M-byte product-quantisation codes of the "
+                    "(384), int4 (192), ivfpqM: M-byte product-quantisation codes of the "
                     "residuals to coarse k-means centroids, plus 1 or 2 bytes for the centroid "
-                    "(ivfpq64: 66 bytes per token; M must divide the hidden size).")
+                    "(ivfpq64: 66 bytes per token; M must divide the hidden size), or "
+                    "opq-ivfpqM: the same after a learned rotation (lower error, slower "
+                    "training).")
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -382,8 +384,12 @@ def _search_set(searcher, source, split, options, output, tag, timings_path, qui
     typer.echo("latency per query:\n" + "\n".join(lines), err=True)
     memory = resident_memory_mib()
     states_bytes = searcher.index.manifest["states"]["bytes"]
-    typer.echo(f"resident memory: {memory['rss_mib']:,.0f} MiB now, {memory['peak_rss_mib']:,.0f} "
-               f"MiB at peak; the state store takes {_human_bytes(states_bytes)} on disk", err=True)
+    line = (f"resident memory: {memory['rss_mib']:,.0f} MiB now, {memory['peak_rss_mib']:,.0f} "
+            f"MiB at peak")
+    if "file_backed_mib" in memory:
+        line += (f" (now: {memory['anonymous_mib']:,.0f} MiB anonymous, "
+                 f"{memory['file_backed_mib']:,.0f} MiB of mapped files)")
+    typer.echo(f"{line}; the state store takes {_human_bytes(states_bytes)} on disk", err=True)
     if timings_path is not None:
         _write_timings(timings_path, per_query, [item.id for item in query_list], memory)
 

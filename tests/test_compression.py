@@ -71,11 +71,14 @@ def float16_rows(folder):
 
 def test_codec_names_are_checked():
     assert parse_codec_name("IVFPQ64", 384) == "ivfpq64"
+    assert parse_codec_name("opq-ivfpq32", 384) == "opq-ivfpq32"
     assert parse_codec_name("int8", 384) == "int8"
     with pytest.raises(CodecError, match="unknown compression 'zstd'"):
         parse_codec_name("zstd", 384)
     with pytest.raises(CodecError, match=r"M = 64 must divide the hidden size 32"):
         parse_codec_name("ivfpq64", 32)
+    with pytest.raises(CodecError, match=r"M = 5 must divide the hidden size 32"):
+        parse_codec_name("opq-ivfpq5", 32)
     with pytest.raises(CodecError, match="even hidden size"):
         parse_codec_name("int4", 33)
 
@@ -113,11 +116,13 @@ def test_int8_round_trip_within_one_step(adi_float16, tmp_path):
     assert manifest["states"]["codec"]["reconstruction"]["mean_cosine"] > 0.999
 
 
-def test_ivfpq_round_trip_error_is_bounded(cranfield_float16, tmp_path):
+# OPQ's rotation trains 50 product quantisers in turn: minutes of CPU even on this small corpus.
+@pytest.mark.parametrize("name", ["ivfpq16", pytest.param("opq-ivfpq16", marks=pytest.mark.slow)])
+def test_ivfpq_round_trip_error_is_bounded(cranfield_float16, tmp_path, name):
     manifest = derive_index(cranfield_float16, tmp_path / "pq", StorageOptions(
-        compression="ivfpq16"), show_progress=False)
+        compression=name), show_progress=False)
     codec = manifest["states"]["codec"]
-    assert codec["name"] == "ivfpq16"
+    assert codec["name"] == name
     assert codec["fallback_reason"] is None
     # 16 sub-quantisers plus a 1-byte centroid number (at most 256 coarse centroids here).
     assert codec["coarse_centroids"] <= 256
