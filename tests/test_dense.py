@@ -295,3 +295,22 @@ def test_cli_rejects_bad_compression(adi_dense, tmp_path):
     assert result.exit_code == 2
     assert "M = 5 must divide the hidden size 32" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_index_with_dense_and_codes(tiny_backbone, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["index", str(shared_collection("adi")), "--output",
+                                 str(tmp_path / "index"), "--model", str(tiny_backbone),
+                                 "--merge-layer", "2", "--interaction-layers", "2",
+                                 "--doc-max-length", "64", "--compression", "int4", "--dense",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "states: int4, 16 bytes per stored token" in result.stdout
+    manifest = read_manifest(tmp_path / "index")
+    assert manifest["first_stage"]["dense"]["kind"] == "flat"
+    assert set(manifest["files"]) == {"codec.faiss", DENSE_FILE}
+    result = runner.invoke(app, ["search", str(tmp_path / "index"), QUERIES[0], "--first-stage",
+                                 "dense", "--nprobe", "4", "--token-candidates", "64", "-k", "3",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "dense > MICE-l2+2: 3 of" in result.stdout
