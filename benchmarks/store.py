@@ -173,7 +173,8 @@ def main() -> None:
     float16_folder, float16_manifest, float16_seconds = derived(
         "float16", StorageOptions(dense=True, dense_kind=args.dense_index))
     dense_record = float16_manifest["first_stage"]["dense"]
-    print(f"float16 + dense index ready in {float16_seconds} s", file=sys.stderr)
+    if float16_seconds is not None:
+        print(f"float16 + dense index derived in {float16_seconds} s", file=sys.stderr)
 
     searcher = searcher_for(float16_folder)
     codecs: dict[str, dict] = {}
