@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import REPO, git_commit, hardware  # noqa: E402
+from pipeline import REPO, git_commit, hardware
 
 DEFAULT_CODECS = "int8,int4,ivfpq64,ivfpq32,ivfpq16"
 MICE_METRICS = ("nDCG@10", "RR@10", "R@100")
@@ -94,7 +94,7 @@ def search_process_memory(index: Path, queries_file: Path, first_stage: str,
             command += ["--model", model]
         started = time.perf_counter()
         completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                                   env={**os.environ, "PYTHONPATH": str(REPO)})
+                                   env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
         if completed.returncode != 0:
             raise RuntimeError(f"mice search failed: {completed.stderr}")
         payload = json.loads(timings.read_text())
@@ -173,7 +173,8 @@ def main() -> None:
     float16_folder, float16_manifest, float16_seconds = derived(
         "float16", StorageOptions(dense=True, dense_kind=args.dense_index))
     dense_record = float16_manifest["first_stage"]["dense"]
-    print(f"float16 + dense index ready in {float16_seconds} s", file=sys.stderr)
+    if float16_seconds is not None:
+        print(f"float16 + dense index derived in {float16_seconds} s", file=sys.stderr)
 
     searcher = searcher_for(float16_folder)
     codecs: dict[str, dict] = {}

@@ -57,9 +57,11 @@ class DenseKind(str, Enum):
 
 
 COMPRESSION_HELP = ("How states are stored: float16 (768 bytes per token at hidden size 384), int8 "
-                    "(384), int4 (192), or ivfpqM: M-byte product-quantisation codes of the "
+                    "(384), int4 (192), ivfpqM: M-byte product-quantisation codes of the "
                     "residuals to coarse k-means centroids, plus 1 or 2 bytes for the centroid "
-                    "(ivfpq64: 66 bytes per token; M must divide the hidden size).")
+                    "(ivfpq64: 66 bytes per token; M must divide the hidden size), or "
+                    "opq-ivfpqM: the same after a learned rotation (lower error, slower "
+                    "training).")
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -85,7 +87,7 @@ def _expected_errors() -> tuple[type[Exception], ...]:
 
 
 def _storage_summary(manifest: dict) -> str:
-    """One line on how an index stores its states, and its dense index if it has one."""
+    """Describe how an index stores its states, and its dense index if it has one."""
     states = manifest["states"]
     codec = states.get("codec") or {}
     line = (f"states: {codec.get('name', 'float16')}, {states['bytes_per_token']} bytes per "
@@ -144,8 +146,8 @@ def index(
     keep_float16: Annotated[bool, typer.Option("--keep-float16", help="Keep the float16 states beside the codes (768 more bytes per token at hidden size 384), so that other codecs can be derived later.")] = False,
     dense: Annotated[bool, typer.Option("--dense/--no-dense", help="Build the dense first stage: a FAISS index of every stored token state.")] = False,
     dense_index: Annotated[DenseKind, typer.Option(help="Dense index kind: ivfpq (inverted lists, 1 byte per 8 dimensions), flat (exact, 4 bytes per dimension), or auto (flat below 9,984 token states, else ivfpq).")] = DenseKind.auto,
-    max_train_vectors: Annotated[int, typer.Option(min=1, help="Most token states in the training sample of a codec or dense index.")] = 131_072,
-    max_train_mib: Annotated[float, typer.Option(min=1, help="Most MiB (float32) in that training sample.")] = 256,
+    max_train_vectors: Annotated[int, typer.Option(min=1, help="Maximum number of token states in the training sample of a codec or dense index.")] = 131_072,
+    max_train_mib: Annotated[float, typer.Option(min=1, help="Maximum size of that training sample, in MiB of float32.")] = 256,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
 ) -> None:
     """Encode every document through the lower MICE layers and store its per-token states."""
@@ -193,7 +195,7 @@ def index(
         typer.echo(f"interrupted: {output} is incomplete. Continue with the same command plus "
                    "--resume", err=True)
         raise typer.Exit(code=130) from None
-    counts, build, states = manifest["counts"], manifest["build"], manifest["states"]
+    counts, build = manifest["counts"], manifest["build"]
     typer.echo(f"index: {output}")
     typer.echo(f"documents: {counts['documents']:,}  tokens: {counts['tokens']:,}  "
                f"truncated: {counts['truncated_documents']:,}  split into windows: "
@@ -216,8 +218,8 @@ def compress(
     keep_float16: Annotated[bool, typer.Option("--keep-float16", help="Keep the float16 states beside the codes.")] = False,
     dense: Annotated[bool | None, typer.Option("--dense/--no-dense", help="Build a dense index from the source's float16 states, or leave it out [default: copy the source's dense index when it has one].")] = None,
     dense_index: Annotated[DenseKind, typer.Option(help="Dense index kind, with --dense: ivfpq, flat or auto.")] = DenseKind.auto,
-    max_train_vectors: Annotated[int, typer.Option(min=1, help="Most token states in a training sample.")] = 131_072,
-    max_train_mib: Annotated[float, typer.Option(min=1, help="Most MiB (float32) in a training sample.")] = 256,
+    max_train_vectors: Annotated[int, typer.Option(min=1, help="Maximum number of token states in a training sample.")] = 131_072,
+    max_train_mib: Annotated[float, typer.Option(min=1, help="Maximum size of a training sample, in MiB of float32.")] = 256,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index at --output once the new one is complete.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
 ) -> None:
@@ -390,8 +392,12 @@ def _search_set(searcher, source, split, options, output, tag, timings_path, qui
     typer.echo("latency per query:\n" + "\n".join(lines), err=True)
     memory = resident_memory_mib()
     states_bytes = searcher.index.manifest["states"]["bytes"]
-    typer.echo(f"resident memory: {memory['rss_mib']:,.0f} MiB now, {memory['peak_rss_mib']:,.0f} "
-               f"MiB at peak; the state store takes {_human_bytes(states_bytes)} on disk", err=True)
+    line = (f"resident memory: {memory['rss_mib']:,.0f} MiB now, {memory['peak_rss_mib']:,.0f} "
+            f"MiB at peak")
+    if "file_backed_mib" in memory:
+        line += (f" (now: {memory['anonymous_mib']:,.0f} MiB anonymous, "
+                 f"{memory['file_backed_mib']:,.0f} MiB of mapped files)")
+    typer.echo(f"{line}; the state store takes {_human_bytes(states_bytes)} on disk", err=True)
     if timings_path is not None:
         _write_timings(timings_path, per_query, [item.id for item in query_list], memory)
 

@@ -92,7 +92,8 @@ def _check_files(report: CheckReport, manifest: dict, verify_checksum: bool) -> 
     if dense is not None:
         path = report.folder / dense["path"]
         if dense["path"] not in files:
-            report.problems.append(f"the dense index {dense['path']} is not in the manifest's files")
+            report.problems.append(f"the dense index {dense['path']} is not in the manifest's "
+                                   "files")
         elif path.is_file():
             import faiss
 
@@ -106,17 +107,15 @@ def _check_files(report: CheckReport, manifest: dict, verify_checksum: bool) -> 
             tokens = manifest["counts"]["tokens"]
             if index.ntotal != tokens or index.d != manifest["states"]["hidden_size"]:
                 report.problems.append(
-                    f"the dense index holds {index.ntotal} vectors of width {index.d}, but the "
-                    f"store holds {tokens} token states of width "
+                    f"the dense index contains {index.ntotal} vectors of width {index.d}, but the "
+                    f"store contains {tokens} token states of width "
                     f"{manifest['states']['hidden_size']}; rebuild the index")
     if files:
         report.checked.append("faiss files")
 
 
 def _check_store(handle, manifest: dict, report: CheckReport, verify_checksum: bool) -> None:
-    from .store import _STRING_FIELDS, _read_all_strings
-
-    from .store import CODES_DATASET, STATES_DATASET
+    from .store import _STRING_FIELDS, CODES_DATASET, STATES_DATASET, _read_all_strings
 
     counts = manifest["counts"]
     compressed = CODES_DATASET in handle
@@ -173,10 +172,12 @@ def _check_store(handle, manifest: dict, report: CheckReport, verify_checksum: b
         except (CodecError, KeyError, RuntimeError) as error:
             report.problems.append(f"the codec of the store cannot be loaded: {error}")
             return
-        if codec.code_size != states.shape[1] or codec.dimension != manifest["states"]["hidden_size"]:
+        hidden = manifest["states"]["hidden_size"]
+        if codec.code_size != states.shape[1] or codec.dimension != hidden:
             report.problems.append(f"the codec writes {codec.code_size}-byte codes of width "
-                                   f"{codec.dimension}, but the store holds {states.shape[1]}-byte "
-                                   "codes and the manifest another width")
+                                   f"{codec.dimension}, but the store contains "
+                                   f"{states.shape[1]}-byte codes and the manifest lists width "
+                                   f"{hidden}")
             return
     digest = hashlib.sha256()
     non_finite = 0
@@ -194,10 +195,10 @@ def _check_store(handle, manifest: dict, report: CheckReport, verify_checksum: b
             report.problems.append("the states' SHA-256 differs from the manifest: the store was "
                                    "modified or corrupted after the build; rebuild with --overwrite")
         if compressed and STATES_DATASET in handle:
-            kept = hashlib.sha256()
+            float16_digest = hashlib.sha256()
             for start in range(0, handle[STATES_DATASET].shape[0], _HASH_ROWS):
-                kept.update(handle[STATES_DATASET][start : start + _HASH_ROWS].tobytes())
-            if kept.hexdigest() != manifest["states"].get("float16_sha256"):
+                float16_digest.update(handle[STATES_DATASET][start : start + _HASH_ROWS].tobytes())
+            if float16_digest.hexdigest() != manifest["states"].get("float16_sha256"):
                 report.problems.append("the SHA-256 of the float16 states kept beside the codes "
                                        "differs from the manifest")
         report.checked.append("checksum")

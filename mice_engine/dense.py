@@ -18,8 +18,9 @@ Index kinds:
 
 Candidate generation (:meth:`DenseFirstStage.retrieve`) approximates late interaction as
 ColBERT's first stage does. Each query token takes its ``token_candidates`` nearest stored
-tokens (by default 256, or the number of candidates requested when that is larger). A document's score is the sum over query tokens of the best similarity among that
-token's neighbours that belong to the document. A query token with no neighbour in the document
+tokens (by default 256, or the number of candidates requested when that is larger). A
+document's score is the sum over query tokens of the best similarity among that token's
+neighbours that belong to the document. A query token with no neighbour in the document
 adds 0. Query tokens are the query's lower-layer states without ``[CLS]`` and ``[SEP]``:
 their states are alike across texts and would match every document's own ``[CLS]`` and
 ``[SEP]``.
@@ -36,9 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from .compression import (DEFAULT_MAX_TRAIN_MIB, DEFAULT_MAX_TRAIN_VECTORS,
-                          MIN_POINTS_PER_CENTROID, MIN_PQ_TRAINING_VECTORS, sample_rows,
-                          training_sample_size, write_faiss_index)
+from .compression import (
+    DEFAULT_MAX_TRAIN_MIB,
+    DEFAULT_MAX_TRAIN_VECTORS,
+    MIN_POINTS_PER_CENTROID,
+    MIN_PQ_TRAINING_VECTORS,
+    sample_rows,
+    training_sample_size,
+    write_faiss_index,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +67,8 @@ def inverted_lists(tokens: int, training_vectors: int) -> int:
     """Number of inverted lists of an ``ivfpq`` dense index.
 
     The largest power of two at most ``4 * sqrt(tokens)``, at most 65,536, and small enough that
-    each list's centroid has 39 training vectors. With the default sample of 131,072 vectors this gives 2,048 lists for
-    Cranfield (297,346 tokens) and for SciFact (1,693,234).
+    each list's centroid has 39 training vectors. With the default sample of 131,072 vectors,
+    this gives 2,048 lists for Cranfield (297,346 tokens) and for SciFact (1,693,234).
     """
     by_size = 2 ** int(math.log2(max(4 * math.sqrt(tokens), 1)))
     by_sample = 2 ** int(math.log2(max(training_vectors // MIN_POINTS_PER_CENTROID, 1)))
@@ -105,8 +112,8 @@ def build_dense_index(store: Any, path: Path, kind: str = "auto", *,
                       show_progress: bool = False) -> dict[str, Any]:
     """Build the dense index of every token state of ``store`` and write it at ``path``.
 
-    Rows are read from the store (decoded when it holds codes), normalised and added in blocks,
-    so memory holds one block and the training sample besides the index itself.
+    Rows are read from the store (decoded when it contains codes), normalised and added in blocks,
+    so memory takes one block and the training sample besides the index itself.
 
     Returns the manifest's record of the index.
     """
@@ -206,8 +213,8 @@ class DenseFirstStage:
             raise DenseIndexError(f"dense index {path} is missing; rebuild the index with --dense")
         index = read_mapped(faiss, path, record.get("kind", "ivfpq"))
         if index.ntotal != offsets[-1]:
-            raise DenseIndexError(f"dense index {path} holds {index.ntotal} token states but the "
-                                  f"store holds {offsets[-1]}; rebuild the index")
+            raise DenseIndexError(f"dense index {path} contains {index.ntotal} token states but "
+                                  f"the store contains {offsets[-1]}; rebuild the index")
         return cls(index, offsets, record)
 
     @property

@@ -385,17 +385,29 @@ class Searcher:
 
 
 def resident_memory_mib() -> dict[str, float]:
-    """Resident memory of this process now and at its peak, in MiB.
+    """Measure the resident memory of this process now and at its peak, in MiB.
 
-    Both include the pages of memory-mapped files that the process has touched.
+    Both include the pages of memory-mapped files (states, codes, BM25, dense index) that the
+    process has touched; the kernel can drop those pages under memory pressure. On Linux the
+    current figure is also split into anonymous memory and file-backed pages.
     """
     import resource
 
     import psutil
 
     # ru_maxrss is in KiB on Linux (in bytes on macOS).
-    return {"rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    memory = {"rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1),
+              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return memory
+    for line in status:
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+            name = "anonymous_mib" if key == "RssAnon" else "file_backed_mib"
+            memory[name] = round(int(value.split()[0]) / 1024, 1)
+    return memory
 
 
 def latency_summary(timings: list[dict[str, float]]) -> dict[str, dict[str, float]]:

@@ -16,8 +16,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .compression import (CODEC_FILE, DEFAULT_MAX_TRAIN_MIB, DEFAULT_MAX_TRAIN_VECTORS,
-                          compress_states, file_record, parse_codec_name)
+from .compression import (
+    CODEC_FILE,
+    DEFAULT_MAX_TRAIN_MIB,
+    DEFAULT_MAX_TRAIN_VECTORS,
+    compress_states,
+    file_record,
+    parse_codec_name,
+)
 from .dense import DENSE_FILE, DENSE_KINDS, DenseIndexError, build_dense_index
 from .store import STATES_FILE, StateStore
 
@@ -120,7 +126,7 @@ def states_record(folder: Path, codec: dict[str, Any], tokens: int, hidden_size:
     """
     size = (folder / STATES_FILE).stat().st_size
     compressed = codec["name"] != "float16"
-    kept = (not compressed) or bool(codec.get("float16_kept"))
+    float16_kept = (not compressed) or bool(codec.get("float16_kept"))
     return {
         "file": STATES_FILE,
         "dtype": "uint8" if compressed else "float16",
@@ -129,10 +135,11 @@ def states_record(folder: Path, codec: dict[str, Any], tokens: int, hidden_size:
         "hidden_size": hidden_size,
         "sha256": codec["codes_sha256"] if compressed else float16_sha256,
         "float16_sha256": float16_sha256,
-        "float16_kept": kept,
+        "float16_kept": float16_kept,
         "bytes": size,
         "code_bytes_per_token": codec["code_bytes"],
-        "bytes_per_token": codec["code_bytes"] + (2 * hidden_size if compressed and kept else 0),
+        "bytes_per_token": codec["code_bytes"] + (2 * hidden_size if compressed and float16_kept
+                                                  else 0),
         "file_bytes_per_token": round(size / tokens, 2),
     }
 

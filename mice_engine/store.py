@@ -269,7 +269,8 @@ def merge_shards(shards: Sequence[Path], output: Path) -> dict[str, object]:
 
 def write_compressed_store(source: Path, output: Path, codec, codec_file: str, *,
                            keep_float16: bool = False) -> dict[str, object]:
-    """Write a store at ``output`` that holds ``codec``'s codes of the float16 states of ``source``.
+    """Write a store at ``output`` that contains ``codec``'s codes of the float16 states of
+    ``source``.
 
     Offsets, windows, ids, titles and texts are copied unchanged. The float16 states are copied
     too when ``keep_float16`` is set, or when ``codec`` is ``None`` (a plain float16 copy). The
@@ -285,7 +286,7 @@ def write_compressed_store(source: Path, output: Path, codec, codec_file: str, *
     float16_digest = hashlib.sha256()
     with h5py.File(source, "r") as src:
         if STATES_DATASET not in src:
-            raise StoreError(f"{source} holds no float16 states, only codes; compress from an "
+            raise StoreError(f"{source} contains no float16 states, only codes; compress from an "
                              "index that holds float16 states")
         states = src[STATES_DATASET]
         tokens, hidden = states.shape
@@ -303,8 +304,10 @@ def write_compressed_store(source: Path, output: Path, codec, codec_file: str, *
                                            dtype=np.uint8)
                 codes.attrs["codec"] = codec.name
                 codes.attrs["codec_file"] = codec_file
-            kept = (out.create_dataset(STATES_DATASET, shape=(tokens, hidden), dtype=np.float16)
-                    if keep_float16 else None)
+            float16_rows = None
+            if keep_float16:
+                float16_rows = out.create_dataset(STATES_DATASET, shape=(tokens, hidden),
+                                                  dtype=np.float16)
             for start in range(0, tokens, _ENCODE_ROWS):
                 block = states[start : start + _ENCODE_ROWS]
                 float16_digest.update(block.tobytes())
@@ -312,8 +315,8 @@ def write_compressed_store(source: Path, output: Path, codec, codec_file: str, *
                     coded = codec.encode(block)
                     codes_digest.update(coded.tobytes())
                     codes[start : start + len(block)] = coded
-                if kept is not None:
-                    kept[start : start + len(block)] = block
+                if float16_rows is not None:
+                    float16_rows[start : start + len(block)] = block
     _sync(temporary)
     os.replace(temporary, output)
     return {"tokens": int(tokens), "hidden_size": int(hidden), "code_size": code_size,
@@ -328,7 +331,7 @@ class StateStore:
 
     The states (or codes) are memory-mapped when the dataset is contiguous and uncompressed (as
     :func:`merge_shards` and :func:`write_compressed_store` write it), so opening a store reads
-    only offsets and ids. A store that holds codes decodes the rows it is asked for. With
+    only offsets and ids. A store of codes decodes the rows it is asked for. With
     ``prefer_float16``, a store that holds both codes and float16 states reads the float16
     states.
     """
@@ -358,7 +361,7 @@ class StateStore:
         elif STATES_DATASET in self._file:
             states = self._file[STATES_DATASET]
         else:
-            raise StoreError(f"{self.path} holds neither states nor codes; rebuild the index")
+            raise StoreError(f"{self.path} contains neither states nor codes; rebuild the index")
 
         self.offsets = self._file["offsets"][()]
         self.doc_ids = _read_all_strings(self._file["doc_ids"])
@@ -425,7 +428,7 @@ class StateStore:
 
     def rows(self, start: int, end: int) -> np.ndarray:
         """(end - start, hidden) float16 states of rows ``start:end``, decoded when the store
-        holds codes."""
+        contains codes."""
         stored = np.asarray(self._states[start:end])
         if self.codec is None:
             return stored
@@ -443,7 +446,8 @@ class StateStore:
         return np.split(decoded, bounds)
 
     def stored_rows_source(self):
-        """The stored rows as one array-like (a memory map when possible), float16 or codes."""
+        """Return the stored rows as one array-like (a memory map when possible): float16
+        states or codes."""
         return self._states
 
     def stored_rows(self, start: int, end: int) -> np.ndarray:

@@ -10,11 +10,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import shared_collection
+
 from mice_engine.check import check_index
-from mice_engine.compression import (CODEC_FILE, CodecError, coarse_centroids, parse_codec_name,
-                                     plan_codec)
+from mice_engine.compression import (
+    CODEC_FILE,
+    CodecError,
+    coarse_centroids,
+    parse_codec_name,
+    plan_codec,
+)
 from mice_engine.indexing import MANIFEST_FILE, MiceIndexError, build_index, read_manifest
 from mice_engine.model import MiceModel
 from mice_engine.search import Searcher
@@ -39,11 +44,24 @@ def adi_float16(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cranfield_float16(tiny_model, tmp_path_factory):
-    """Cranfield cut to 64 tokens per document: about 84,000 token states, enough for ivfpq."""
-    folder = tmp_path_factory.mktemp("cranfield") / "float16"
-    build_index(shared_collection("cranfield"), folder, model=tiny_model, show_progress=False,
-                batch_size=64)
-    return folder
+    """The first 300 Cranfield documents, cut to 64 tokens: about 18,000 token states, enough
+    for ivfpq."""
+    folder = tmp_path_factory.mktemp("cranfield")
+    corpus = first_documents(shared_collection("cranfield"), 300, folder / "corpus.jsonl")
+    build_index(corpus, folder / "float16", model=tiny_model, show_progress=False, batch_size=64)
+    return folder / "float16"
+
+
+def first_documents(source, count, path):
+    """Write the first ``count`` documents of ``source`` as a BEIR corpus file."""
+    from itertools import islice
+
+    from mice_engine.sources import open_documents
+
+    lines = [json.dumps({"_id": doc.id, "title": doc.title, "text": doc.text}) + "\n"
+             for doc in islice(iter(open_documents(source)), count)]
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
 
 
 def float16_rows(folder):
@@ -53,11 +71,14 @@ def float16_rows(folder):
 
 def test_codec_names_are_checked():
     assert parse_codec_name("IVFPQ64", 384) == "ivfpq64"
+    assert parse_codec_name("opq-ivfpq32", 384) == "opq-ivfpq32"
     assert parse_codec_name("int8", 384) == "int8"
     with pytest.raises(CodecError, match="unknown compression 'zstd'"):
         parse_codec_name("zstd", 384)
     with pytest.raises(CodecError, match=r"M = 64 must divide the hidden size 32"):
         parse_codec_name("ivfpq64", 32)
+    with pytest.raises(CodecError, match=r"M = 5 must divide the hidden size 32"):
+        parse_codec_name("opq-ivfpq5", 32)
     with pytest.raises(CodecError, match="even hidden size"):
         parse_codec_name("int4", 33)
 
@@ -95,11 +116,13 @@ def test_int8_round_trip_within_one_step(adi_float16, tmp_path):
     assert manifest["states"]["codec"]["reconstruction"]["mean_cosine"] > 0.999
 
 
-def test_ivfpq_round_trip_error_is_bounded(cranfield_float16, tmp_path):
+# OPQ's rotation trains 50 product quantisers in turn: minutes of CPU even on this small corpus.
+@pytest.mark.parametrize("name", ["ivfpq16", pytest.param("opq-ivfpq16", marks=pytest.mark.slow)])
+def test_ivfpq_round_trip_error_is_bounded(cranfield_float16, tmp_path, name):
     manifest = derive_index(cranfield_float16, tmp_path / "pq", StorageOptions(
-        compression="ivfpq16"), show_progress=False)
+        compression=name), show_progress=False)
     codec = manifest["states"]["codec"]
-    assert codec["name"] == "ivfpq16"
+    assert codec["name"] == name
     assert codec["fallback_reason"] is None
     # 16 sub-quantisers plus a 1-byte centroid number (at most 256 coarse centroids here).
     assert codec["coarse_centroids"] <= 256
@@ -174,7 +197,7 @@ def test_keep_float16_is_explicit(adi_float16, tmp_path):
 def test_codes_only_index_cannot_be_recompressed(adi_float16, tmp_path):
     derive_index(adi_float16, tmp_path / "int8", StorageOptions(compression="int8"),
                  show_progress=False)
-    with pytest.raises(StoreError, match="holds no float16 states|not float16 states"):
+    with pytest.raises(StoreError, match="contains no float16 states|not float16 states"):
         derive_index(tmp_path / "int8", tmp_path / "int4", StorageOptions(compression="int4"),
                      show_progress=False)
     assert not (tmp_path / "int4").exists()

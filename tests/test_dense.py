@@ -7,14 +7,21 @@ import json
 import faiss
 import numpy as np
 import pytest
+from conftest import shared_collection
 from typer.testing import CliRunner
 
 from cli.main import app
-from conftest import shared_collection
 from mice_engine.check import check_index
-from mice_engine.dense import (DENSE_FILE, DenseFirstStage, aggregate_token_matches,
-                               build_dense_index, inverted_lists, maxsim_scores,
-                               query_token_vectors, reciprocal_rank_fusion)
+from mice_engine.dense import (
+    DENSE_FILE,
+    DenseFirstStage,
+    aggregate_token_matches,
+    build_dense_index,
+    inverted_lists,
+    maxsim_scores,
+    query_token_vectors,
+    reciprocal_rank_fusion,
+)
 from mice_engine.encoding import encode_query
 from mice_engine.indexing import MiceIndexError, build_index, read_manifest
 from mice_engine.model import MiceModel
@@ -43,9 +50,19 @@ def adi_dense(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cranfield_dense(tiny_model, tmp_path_factory):
-    """Cranfield cut to 64 tokens per document, with an ivfpq dense index and an exact one."""
-    folder = tmp_path_factory.mktemp("cranfield") / "index"
-    build_index(shared_collection("cranfield"), folder, model=tiny_model, show_progress=False,
+    """The first 300 Cranfield documents cut to 64 tokens (about 18,000 token states), with an
+    ivfpq dense index and an exact one."""
+    from itertools import islice
+
+    from mice_engine.sources import open_documents
+
+    root = tmp_path_factory.mktemp("cranfield")
+    documents = islice(iter(open_documents(shared_collection("cranfield"))), 300)
+    (root / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": doc.id, "title": doc.title, "text": doc.text}) + "\n"
+        for doc in documents), encoding="utf-8")
+    folder = root / "index"
+    build_index(root / "corpus.jsonl", folder, model=tiny_model, show_progress=False,
                 batch_size=64, storage=StorageOptions(dense=True, dense_kind="ivfpq"))
     with StateStore(folder / STATES_FILE) as store:
         record = build_dense_index(store, folder / "flat.faiss", "flat")
@@ -278,3 +295,22 @@ def test_cli_rejects_bad_compression(adi_dense, tmp_path):
     assert result.exit_code == 2
     assert "M = 5 must divide the hidden size 32" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_index_with_dense_and_codes(tiny_backbone, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["index", str(shared_collection("adi")), "--output",
+                                 str(tmp_path / "index"), "--model", str(tiny_backbone),
+                                 "--merge-layer", "2", "--interaction-layers", "2",
+                                 "--doc-max-length", "64", "--compression", "int4", "--dense",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "states: int4, 16 bytes per stored token" in result.stdout
+    manifest = read_manifest(tmp_path / "index")
+    assert manifest["first_stage"]["dense"]["kind"] == "flat"
+    assert set(manifest["files"]) == {"codec.faiss", DENSE_FILE}
+    result = runner.invoke(app, ["search", str(tmp_path / "index"), QUERIES[0], "--first-stage",
+                                 "dense", "--nprobe", "4", "--token-candidates", "64", "-k", "3",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "dense > MICE-l2+2: 3 of" in result.stdout
