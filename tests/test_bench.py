@@ -499,6 +499,9 @@ def test_smoke_efficiency_probes_are_recorded(smoke):
         assert bare[when]["tokens_per_second"] > 0
     assert bare["indexing_fraction"] == pytest.approx(
         index["tokens_per_second"] / bare["tokens_per_second"], rel=1e-3)
+    assert 0 < index["forward_seconds"] < index["encode_seconds"] <= index["build_seconds"]
+    assert bare["indexing_fraction_in_build"] == pytest.approx(
+        index["forward_seconds"] / index["build_seconds"], rel=1e-3)
     assert index["memory"]["peak_rss_mib"] > 0
     for when in ("start", "end"):
         assert record["matmul"][when]["best_gflops"] > 0
