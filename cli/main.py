@@ -11,7 +11,7 @@ import logging
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -44,6 +44,24 @@ class DuplicatePolicy(str, Enum):
     first = "first"
 
 
+class FirstStage(str, Enum):
+    bm25 = "bm25"
+    dense = "dense"
+    hybrid = "hybrid"
+
+
+class DenseKind(str, Enum):
+    auto = "auto"
+    ivfpq = "ivfpq"
+    flat = "flat"
+
+
+COMPRESSION_HELP = ("How states are stored: float16 (768 bytes per token at hidden size 384), int8 "
+                    "(384), int4 (192), or ivfpqM: M-byte product-quantisation codes of the "
+                    "residuals to coarse k-means centroids, plus 1 or 2 bytes for the centroid "
+                    "(ivfpq64: 66 bytes per token; M must divide the hidden size).")
+
+
 def _setup_logging(quiet: bool) -> None:
     # force=True: a command owns the process's logging, and its handler must write to the
     # standard error of this invocation.
@@ -64,6 +82,26 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     from mice_engine.store import StoreError
 
     return (MiceIndexError, ModelError, SourceError, StoreError, ValueError, FileNotFoundError)
+
+
+def _storage_summary(manifest: dict) -> str:
+    """One line on how an index stores its states, and its dense index if it has one."""
+    states = manifest["states"]
+    codec = states.get("codec") or {}
+    line = (f"states: {codec.get('name', 'float16')}, {states['bytes_per_token']} bytes per "
+            f"stored token ({states['file_bytes_per_token']} with ids and texts)")
+    if codec.get("fallback_reason"):
+        line += f"; {codec['requested']} fell back to {codec['name']}: {codec['fallback_reason']}"
+    if states.get("float16_kept") and codec.get("name", "float16") != "float16":
+        line += "; float16 states kept beside the codes"
+    dense = manifest["first_stage"].get("dense")
+    if dense is not None:
+        size = manifest.get("files", {}).get(dense["path"], {}).get("bytes", 0)
+        line += (f"\ndense index: {dense['kind']}, {dense['tokens']:,} token vectors, "
+                 f"{_human_bytes(size)}")
+        if dense.get("inverted_lists"):
+            line += f", {dense['inverted_lists']:,} inverted lists, {dense['pq_bytes']}-byte codes"
+    return line
 
 
 def _human_bytes(count: float) -> str:
@@ -88,12 +126,12 @@ def _default_index_name(source: str) -> str:
 @app.command()
 def index(
     source: Annotated[str, typer.Argument(help="BEIR folder, .jsonl[.gz]/.tsv corpus file, or irds:<ir_datasets id>.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Index folder to create [default: indexes/<source name>].")] = None,
-    model: Annotated[Optional[str], typer.Option(help="MICE model folder, or a BERT-family backbone folder or Hugging Face id [default: all-MiniLM-L6-v2 as MICE-l3+3, untrained head].")] = None,
-    merge_layer: Annotated[Optional[int], typer.Option(help="X in MICE-lX+Y: number of lower layers (backbone models only) [default: 3].")] = None,
-    interaction_layers: Annotated[Optional[int], typer.Option(help="Y in MICE-lX+Y: number of interaction layers (backbone models only) [default: 3].")] = None,
-    doc_max_length: Annotated[Optional[int], typer.Option(help="Maximum document length in tokens, [CLS] and [SEP] included (backbone models only) [default: 512].")] = None,
-    query_max_length: Annotated[Optional[int], typer.Option(help="Maximum query length in tokens (backbone models only) [default: 64].")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Index folder to create [default: indexes/<source name>].")] = None,
+    model: Annotated[str | None, typer.Option(help="MICE model folder, `default`, or a BERT-family backbone folder or Hugging Face id (untrained head) [default: the shipped MICE-l3+3 trained on SciFact; with a layer or length option: all-MiniLM-L6-v2].")] = None,
+    merge_layer: Annotated[int | None, typer.Option(help="X in MICE-lX+Y: number of lower layers (backbone models only) [default: 3].")] = None,
+    interaction_layers: Annotated[int | None, typer.Option(help="Y in MICE-lX+Y: number of interaction layers (backbone models only) [default: 3].")] = None,
+    doc_max_length: Annotated[int | None, typer.Option(help="Maximum document length in tokens, [CLS] and [SEP] included (backbone models only) [default: 512].")] = None,
+    query_max_length: Annotated[int | None, typer.Option(help="Maximum query length in tokens (backbone models only) [default: 64].")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Documents per forward pass.")] = 32,
     chunk_size: Annotated[int, typer.Option(min=1, help="Documents per committed shard (the unit that --resume restarts from).")] = 2048,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (the GPU when PyTorch sees one).")] = "auto",
@@ -101,7 +139,13 @@ def index(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild an existing index; the old one is replaced only when the new one is complete.")] = False,
     on_duplicate: Annotated[DuplicatePolicy, typer.Option(help="What a repeated document id does: stop with an error, or keep the first document with that id.")] = DuplicatePolicy.error,
     long_documents: Annotated[LongDocumentPolicy, typer.Option(help="Documents longer than the maximum length: keep their beginning (truncate), or store overlapping windows and score each document by its best window.")] = LongDocumentPolicy.truncate,
-    window_stride: Annotated[Optional[int], typer.Option(min=1, help="Tokens between the starts of two windows [default: half the maximum length].")] = None,
+    window_stride: Annotated[int | None, typer.Option(min=1, help="Tokens between the starts of two windows [default: half the maximum length].")] = None,
+    compression: Annotated[str, typer.Option(help=COMPRESSION_HELP)] = "float16",
+    keep_float16: Annotated[bool, typer.Option("--keep-float16", help="Keep the float16 states beside the codes (768 more bytes per token at hidden size 384), so that other codecs can be derived later.")] = False,
+    dense: Annotated[bool, typer.Option("--dense/--no-dense", help="Build the dense first stage: a FAISS index of every stored token state.")] = False,
+    dense_index: Annotated[DenseKind, typer.Option(help="Dense index kind: ivfpq (inverted lists, 1 byte per 8 dimensions), flat (exact, 4 bytes per dimension), or auto (flat below 9,984 token states, else ivfpq).")] = DenseKind.auto,
+    max_train_vectors: Annotated[int, typer.Option(min=1, help="Most token states in the training sample of a codec or dense index.")] = 131_072,
+    max_train_mib: Annotated[float, typer.Option(min=1, help="Most MiB (float32) in that training sample.")] = 256,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
 ) -> None:
     """Encode every document through the lower MICE layers and store its per-token states."""
@@ -124,6 +168,11 @@ def index(
     from mice_engine.indexing import build_index
     from mice_engine.model import load_model
     from mice_engine.sources import open_documents
+    from mice_engine.storage import StorageOptions
+
+    storage = StorageOptions(compression=compression, keep_float16=keep_float16, dense=dense,
+                             dense_kind=dense_index.value, max_train_vectors=max_train_vectors,
+                             max_train_mib=max_train_mib)
 
     # SIGTERM (from `kill` or a scheduler) ends the build like Ctrl-C, with the resume hint.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -136,7 +185,7 @@ def index(
             source, output, model=mice_model, batch_size=batch_size, chunk_size=chunk_size,
             device=device, mode=build_mode,
             on_duplicate=on_duplicate.value, long_documents=long_documents.value,
-            window_stride=window_stride, show_progress=not quiet,
+            window_stride=window_stride, storage=storage, show_progress=not quiet,
         )
     except _expected_errors() as error:
         raise _fail(error) from None
@@ -153,28 +202,64 @@ def index(
     typer.echo(f"time: {build['seconds']:.1f} s (encoding {build['encode_seconds']:.1f} s on "
                f"{build['device']}), {build['documents_per_second'] or 0:,.1f} documents/s, "
                f"{build['tokens_per_second'] or 0:,.0f} tokens/s")
-    typer.echo(f"size: {_human_bytes(manifest['bytes'])} on disk; {states['bytes_per_token']} "
-               f"bytes per stored token ({states['file_bytes_per_token']} with ids and texts)")
+    typer.echo(f"size: {_human_bytes(manifest['bytes'])} on disk")
+    typer.echo(_storage_summary(manifest))
     if not manifest["model"]["trained"]:
         typer.echo(UNTRAINED_NOTE, err=True)
 
 
 @app.command()
+def compress(
+    source: Annotated[Path, typer.Argument(metavar="SOURCE_INDEX", help="Complete index whose float16 states are coded.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Index folder to create.")],
+    compression: Annotated[str, typer.Option(help=COMPRESSION_HELP)] = "ivfpq64",
+    keep_float16: Annotated[bool, typer.Option("--keep-float16", help="Keep the float16 states beside the codes.")] = False,
+    dense: Annotated[bool | None, typer.Option("--dense/--no-dense", help="Build a dense index from the source's float16 states, or leave it out [default: copy the source's dense index when it has one].")] = None,
+    dense_index: Annotated[DenseKind, typer.Option(help="Dense index kind, with --dense: ivfpq, flat or auto.")] = DenseKind.auto,
+    max_train_vectors: Annotated[int, typer.Option(min=1, help="Most token states in a training sample.")] = 131_072,
+    max_train_mib: Annotated[float, typer.Option(min=1, help="Most MiB (float32) in a training sample.")] = 256,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index at --output once the new one is complete.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
+) -> None:
+    """Derive an index with compressed states (or a dense index) from an index, without encoding
+    documents again. The source is not modified."""
+    _setup_logging(quiet)
+    from mice_engine.storage import StorageOptions, derive_index
+
+    storage = StorageOptions(compression=compression, keep_float16=keep_float16, dense=dense,
+                             dense_kind=dense_index.value, max_train_vectors=max_train_vectors,
+                             max_train_mib=max_train_mib)
+    try:
+        manifest = derive_index(source, output, storage,
+                                mode="overwrite" if overwrite else "create",
+                                show_progress=not quiet)
+    except _expected_errors() as error:
+        raise _fail(error) from None
+    typer.echo(f"index: {output} (from {source})")
+    typer.echo(f"size: {_human_bytes(manifest['bytes'])} on disk")
+    typer.echo(_storage_summary(manifest))
+
+
+@app.command()
 def search(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index folder built by `mice index`.")],
-    query: Annotated[Optional[str], typer.Argument(help="Query text. For a query that starts with '-', put every option first, then `--`, then the query.")] = None,
-    queries: Annotated[Optional[str], typer.Option(help="Run a query set instead: a BEIR folder, queries .jsonl/.tsv, or irds:<id>.")] = None,
+    query: Annotated[str | None, typer.Argument(help="Query text. For a query that starts with '-', put every option first, then `--`, then the query.")] = None,
+    queries: Annotated[str | None, typer.Option(help="Run a query set instead: a BEIR folder, queries .jsonl/.tsv, or irds:<id>.")] = None,
     split: Annotated[str, typer.Option(help="Split whose judged queries a BEIR folder contributes (qrels/<split>.tsv).")] = "test",
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results per query.")] = 10,
-    candidates: Annotated[int, typer.Option(min=1, help="BM25 candidates re-scored by MICE per query.")] = 100,
-    first_stage_only: Annotated[bool, typer.Option("--first-stage-only", help="Return the BM25 ranking itself, without MICE.")] = False,
+    candidates: Annotated[int, typer.Option(min=1, help="First-stage candidates re-scored by MICE per query.")] = 100,
+    first_stage_only: Annotated[bool, typer.Option("--first-stage-only", help="Return the first-stage ranking itself, without MICE.")] = False,
+    first_stage: Annotated[FirstStage, typer.Option(help="bm25, dense (the index's FAISS index of token states), or hybrid (both, fused by reciprocal rank fusion with k = 60).")] = FirstStage.bm25,
+    nprobe: Annotated[int | None, typer.Option(min=1, help="Inverted lists the dense index visits per query token [default: 32].")] = None,
+    token_candidates: Annotated[int | None, typer.Option(min=1, help="Nearest stored tokens per query token in the dense first stage [default: 256 or --candidates, whichever is larger].")] = None,
     output_format: Annotated[OutputFormat, typer.Option("--format", help="text (a readable table) or json.")] = OutputFormat.text,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="TREC run file to write for --queries ('-' for standard output).")] = None,
-    tag: Annotated[Optional[str], typer.Option(help="Run tag in the TREC file [default: mice or bm25].")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Score with this model instead of the index's own (its lower layers must be identical).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="TREC run file to write for --queries ('-' for standard output).")] = None,
+    tag: Annotated[str | None, typer.Option(help="Run tag in the TREC file [default: mice or bm25].")] = None,
+    model: Annotated[str | None, typer.Option(help="Score with this model instead of the index's own (its lower layers must be identical).")] = None,
+    fusion: Annotated[bool, typer.Option("--fusion/--no-fusion", help="Blend MICE with BM25 scores when the model carries a tuned blend weight (the shipped default does); --no-fusion ranks by MICE alone.")] = True,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Candidates scored per forward pass.")] = 128,
-    timings: Annotated[Optional[Path], typer.Option(help="Write per-query stage timings and their p50/p95 as JSON to this file.")] = None,
+    timings: Annotated[Path | None, typer.Option(help="Write per-query stage timings and their p50/p95 as JSON to this file.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
 ) -> None:
     """Search an index with one query, or run a whole query set into a TREC run file."""
@@ -188,15 +273,28 @@ def search(
     from mice_engine.search import Searcher
 
     try:
-        searcher = Searcher(index_dir, model=model, device=device, batch_size=batch_size)
+        searcher = Searcher(index_dir, model=model, device=device, batch_size=batch_size,
+                            fusion=fusion)
     except _expected_errors() as error:
         raise _fail(error) from None
+    options = {"k": k, "candidates": candidates, "first_stage_only": first_stage_only,
+               "first_stage": first_stage.value, "nprobe": nprobe,
+               "token_candidates": token_candidates}
+    if searcher.fusion_scale is not None and not first_stage_only and not quiet:
+        typer.echo(f"ranking: MICE score + {searcher.fusion_scale:.3f} x BM25 score, as the model "
+                   "was trained; --no-fusion ranks by MICE alone", err=True)
+    elif searcher.fusion_weight is not None and not first_stage_only and not quiet:
+        typer.echo(f"ranking: MICE blended with BM25 (weight {searcher.fusion_weight:.2f}, tuned "
+                   "on held-out training queries); --no-fusion ranks by MICE alone", err=True)
     try:
         if query is not None:
-            _search_one(searcher, query, k, candidates, first_stage_only, output_format, timings)
+            _search_one(searcher, query, options, output_format, timings)
         else:
-            _search_set(searcher, queries, split, k, candidates, first_stage_only, output,
-                        tag or ("bm25" if first_stage_only else "mice"), timings, quiet)
+            default_tag = first_stage.value if first_stage_only else f"{first_stage.value}-mice"
+            if first_stage is FirstStage.bm25 and not first_stage_only:
+                default_tag = "mice"
+            _search_set(searcher, queries, split, options, output, tag or default_tag, timings,
+                        quiet)
     except _expected_errors() as error:
         raise _fail(error) from None
     finally:
@@ -208,35 +306,41 @@ def _snippet(title: str | None, text: str | None, width: int = 100) -> str:
     return value if len(value) <= width else value[: width - 1] + "…"
 
 
-def _search_one(searcher, query, k, candidates, first_stage_only, output_format, timings_path):
-    result = searcher.search(query, k=k, candidates=candidates,
-                             first_stage_only=first_stage_only, with_text=True)
+def _search_one(searcher, query, options, output_format, timings_path):
+    from mice_engine.search import resident_memory_mib
+
+    result = searcher.search(query, with_text=True, **options)
+    memory = resident_memory_mib()
     if timings_path is not None:
-        _write_timings(timings_path, [result.timings], None)
+        _write_timings(timings_path, [result.timings], None, memory)
+    first_stage_only = options["first_stage_only"]
     if output_format is OutputFormat.json:
         payload = {
             "query": query,
-            "system": "bm25" if first_stage_only else "bm25>mice",
+            "system": result.first_stage if first_stage_only else f"{result.first_stage}>mice",
             "model": searcher.model.config.name,
             "model_trained": searcher.model.config.trained,
             "candidates": result.candidates,
             "query_truncated": result.query_truncated,
             "timings_ms": {stage: round(value * 1000, 3) for stage, value in result.timings.items()},
+            "memory_mib": memory,
             "hits": [hit.__dict__ for hit in result.hits],
         }
         typer.echo(json.dumps(payload, ensure_ascii=False, indent=2))
         return
     if not result.hits:
-        typer.echo(f"no document shares a term with the query {query!r}")
+        typer.echo(f"the {result.first_stage} first stage found no candidate for the query "
+                   f"{query!r}")
         return
     from rich.console import Console
     from rich.table import Table
 
-    system = "BM25" if first_stage_only else f"BM25 > {searcher.model.config.name}"
+    stage_name = {"bm25": "BM25", "dense": "dense", "hybrid": "hybrid"}[result.first_stage]
+    system = stage_name if first_stage_only else f"{stage_name} > {searcher.model.config.name}"
     table = Table(title=f"{system}: {len(result.hits)} of {result.candidates} candidates",
                   title_justify="left")
     for column, justify in (("rank", "right"), ("doc id", "left"), ("score", "right"),
-                            ("bm25 rank", "right"), ("title / text", "left")):
+                            (f"{result.first_stage} rank", "right"), ("title / text", "left")):
         table.add_column(column, justify=justify, overflow="fold" if column == "doc id" else "ellipsis")
     for hit in result.hits:
         table.add_row(str(hit.rank), hit.doc_id, f"{hit.score:.4f}", str(hit.first_stage_rank),
@@ -244,12 +348,11 @@ def _search_one(searcher, query, k, candidates, first_stage_only, output_format,
     Console(width=max(120, Console().width)).print(table)
 
 
-def _search_set(searcher, source, split, k, candidates, first_stage_only, output, tag,
-                timings_path, quiet):
+def _search_set(searcher, source, split, options, output, tag, timings_path, quiet):
     from tqdm.auto import tqdm
 
     from mice_engine.evaluation import write_trec_run
-    from mice_engine.search import latency_summary
+    from mice_engine.search import latency_summary, resident_memory_mib
     from mice_engine.sources import read_queries
 
     query_list = read_queries(source, split=split)
@@ -262,8 +365,7 @@ def _search_set(searcher, source, split, k, candidates, first_stage_only, output
     empty = 0
     for item in tqdm(query_list, unit="query", desc="searching", disable=quiet,
                      dynamic_ncols=True):
-        result = searcher.search(item.text, k=k, candidates=candidates,
-                                 first_stage_only=first_stage_only)
+        result = searcher.search(item.text, **options)
         run[item.id] = [(hit.doc_id, hit.score) for hit in result.hits]
         per_query.append(result.timings)
         empty += not result.hits
@@ -280,20 +382,27 @@ def _search_set(searcher, source, split, k, candidates, first_stage_only, output
         typer.echo(f"wrote {sum(len(hits) for hits in run.values()):,} results for "
                    f"{len(run):,} queries to {output}", err=True)
     if empty:
-        typer.echo(f"{empty} queries got no result (no document shares a term with them)",
-                   err=True)
+        typer.echo(f"{empty} queries got no result (the {options['first_stage']} first stage "
+                   "found no candidate)", err=True)
     summary = latency_summary(per_query)
     lines = [f"  {stage:<15} p50 {values['p50_ms']:8.1f} ms   p95 {values['p95_ms']:8.1f} ms"
              for stage, values in summary.items()]
     typer.echo("latency per query:\n" + "\n".join(lines), err=True)
+    memory = resident_memory_mib()
+    states_bytes = searcher.index.manifest["states"]["bytes"]
+    typer.echo(f"resident memory: {memory['rss_mib']:,.0f} MiB now, {memory['peak_rss_mib']:,.0f} "
+               f"MiB at peak; the state store takes {_human_bytes(states_bytes)} on disk", err=True)
     if timings_path is not None:
-        _write_timings(timings_path, per_query, [item.id for item in query_list])
+        _write_timings(timings_path, per_query, [item.id for item in query_list], memory)
 
 
-def _write_timings(path: Path, per_query: list[dict], query_ids: list[str] | None) -> None:
+def _write_timings(path: Path, per_query: list[dict], query_ids: list[str] | None,
+                   memory: dict[str, float] | None = None) -> None:
     from mice_engine.search import latency_summary
 
     payload = {"summary_ms": latency_summary(per_query), "per_query_seconds": per_query}
+    if memory is not None:
+        payload["memory_mib"] = memory
     if query_ids is not None:
         payload["query_ids"] = query_ids
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,15 +414,14 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="TREC run file (qid Q0 docid rank score tag).")],
     qrels: Annotated[str, typer.Option(help="Judgments: a BEIR folder, a qrels file (BEIR TSV or TREC), or irds:<id>.")],
     split: Annotated[str, typer.Option(help="Split of a BEIR folder's qrels/<split>.tsv.")] = "test",
-    metric: Annotated[Optional[list[str]], typer.Option("--metric", "-m", help="ir-measures name, repeatable [default: nDCG@10, RR@10, R@100].")] = None,
+    metric: Annotated[list[str] | None, typer.Option("--metric", "-m", help="ir-measures name, repeatable [default: nDCG@10, RR@10, R@100].")] = None,
     output_format: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = OutputFormat.text,
     per_query: Annotated[bool, typer.Option("--per-query", help="Also print every query's values.")] = False,
 ) -> None:
     """Evaluate a run over every judged query: a judged query missing from the run counts as 0."""
     _setup_logging(quiet=False)
-    from mice_engine.evaluation import DEFAULT_METRICS
+    from mice_engine.evaluation import DEFAULT_METRICS, read_trec_run
     from mice_engine.evaluation import evaluate as evaluate_run
-    from mice_engine.evaluation import read_trec_run
     from mice_engine.sources import read_qrels
 
     try:
@@ -372,17 +480,187 @@ def check(
         raise typer.Exit(code=1)
     typer.echo(f"{index_dir}: OK ({', '.join(report.checked)})")
 
+@app.command()
+def train(
+    source: Annotated[str, typer.Argument(help="Training data: a BEIR folder or irds:<id> with judgments, or irds:<id> with training triples (margin-mse).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder: checkpoints, log, and the best model in <output>/model.")],
+    preset: Annotated[str | None, typer.Option(help="Named settings: paper (the authors' MS MARCO recipe) or scifact-cpu (the shipped model's recipe). Options given explicitly override it.")] = None,
+    architecture: Annotated[str | None, typer.Option(help="mice, or cross-encoder (the full cross-encoder, or a masked one with --mask) [default: mice].")] = None,
+    model: Annotated[str | None, typer.Option("--backbone", help="BERT-family backbone folder or Hugging Face id [default: all-MiniLM-L6-v2].")] = None,
+    merge_layer: Annotated[int | None, typer.Option(help="X in MICE-lX+Y [default: 3].")] = None,
+    interaction_layers: Annotated[int | None, typer.Option(help="Y in MICE-lX+Y [default: 3].")] = None,
+    mask: Annotated[str | None, typer.Option(help="Cross-encoder attention mask: none, mask0, mask1, mask2 or mask3 [default: none].")] = None,
+    mask3_layers: Annotated[int | None, typer.Option(help="k of Mask3-lk: layers 0..k-1 where the query may not read the document.")] = None,
+    query_max_length: Annotated[int | None, typer.Option(help="Maximum query length in tokens [default: 64].")] = None,
+    doc_max_length: Annotated[int | None, typer.Option(help="Maximum document length in tokens, [CLS] and [SEP] included [default: 512].")] = None,
+    loss: Annotated[str | None, typer.Option(help="listwise (judgments and BM25 hard negatives) or margin-mse (teacher margins) [default: listwise].")] = None,
+    teacher_scores: Annotated[Path | None, typer.Option(help="Teacher-score TSV in the MS MARCO layout: pos_score, neg_score, query, positive, negative.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Model folder that scores triples on the fly for margin-mse.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split whose queries and judgments train [default: train].")] = None,
+    dev_queries: Annotated[int | None, typer.Option(help="Training queries held out (seeded) for periodic evaluation [default: 100].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps [default: 1000].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Queries (listwise) or triples (margin-mse) per step [default: 8].")] = None,
+    group_size: Annotated[int | None, typer.Option(help="Listwise group: one positive and group-size - 1 negatives [default: 8].")] = None,
+    accumulation: Annotated[int | None, typer.Option(help="Batches whose gradients add up before each step [default: 1].")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate of AdamW [default: 2e-5].")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps; linear decay follows [default: 100].")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay [default: 0.01].")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="Gradient clipping norm [default: 1.0].")] = None,
+    negatives_depth: Annotated[int | None, typer.Option(help="Hard negatives come from this many top BM25 documents [default: 100].")] = None,
+    freeze_lower: Annotated[bool | None, typer.Option("--freeze-lower/--train-lower", help="MICE: keep the backbone's lower layers, so document states stay valid and are computed once.")] = None,
+    states_from: Annotated[Path | None, typer.Option(help="With --freeze-lower: read document states from this index (same lower layers) instead of computing them.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Steps between evaluations on the held-out queries [default: 200].")] = None,
+    eval_candidates: Annotated[int | None, typer.Option(help="BM25 candidates re-ranked per held-out query [default: 100].")] = None,
+    select_metric: Annotated[str | None, typer.Option(help="Dev metric that picks the best checkpoint: nDCG@10 or RR@10 [default: nDCG@10].")] = None,
+    fuse_first_stage: Annotated[bool | None, typer.Option("--fuse-first-stage/--no-fuse-first-stage", help="Tune a BM25 blend weight on the held-out queries, select checkpoints by the blend, and save the weight with the model.")] = None,
+    first_stage_feature: Annotated[bool | None, typer.Option("--first-stage-feature/--no-first-stage-feature", help="Train the sum of the MICE score and a learnt scale times the BM25 score, so that MICE learns what BM25 misses; search adds the same term.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Steps between resumable checkpoints [default: 200].")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (bf16/fp16 autocast on GPU, float32 on CPU), float32, bf16 or fp16.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the head, the data order and dropout [default: 0].")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, or auto [default: auto].")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUTPUT from its last checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+) -> None:
+    """Train a MICE model (or a cross-encoder baseline) and keep the best checkpoint."""
+    _setup_logging(quiet)
+    from mice_engine.training import TrainingError, settings_with_preset
+    from mice_engine.training import train as run_training
+
+    try:
+        settings = settings_with_preset(
+            preset, train=source, output=str(output), architecture=architecture, backbone=model,
+            merge_layer=merge_layer, interaction_layers=interaction_layers, mask=mask,
+            mask3_layers=mask3_layers, query_max_length=query_max_length,
+            doc_max_length=doc_max_length, loss=loss,
+            teacher_scores=str(teacher_scores) if teacher_scores else None, teacher=teacher,
+            split=split, dev_queries=dev_queries, steps=steps, batch_size=batch_size,
+            group_size=group_size, accumulation=accumulation, learning_rate=learning_rate,
+            warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+            negatives_depth=negatives_depth, freeze_lower=freeze_lower,
+            states_from=str(states_from) if states_from else None, eval_every=eval_every,
+            eval_candidates=eval_candidates, select_metric=select_metric,
+            fuse_first_stage=fuse_first_stage, first_stage_feature=first_stage_feature,
+            checkpoint_every=checkpoint_every, precision=precision, seed=seed, device=device,
+        )
+        result = run_training(settings, resume=resume, progress=not quiet)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; continue with: mice train ... -o {output} --resume", err=True)
+        raise typer.Exit(code=130) from None
+    except (TrainingError, *_expected_errors()) as error:
+        raise _fail(error) from None
+    typer.echo(f"trained {result.steps} steps in {result.seconds:.1f} s; best model: "
+               f"{result.output / 'model'}")
+    if result.best and result.best.get("dev"):
+        dev = result.best["dev"]
+        pure = ", ".join(f"{k} {v:.4f}" for k, v in dev.items() if k != "fusion")
+        typer.echo(f"selected step {result.best['step']} by {result.best['metric']}: {pure}")
+        if dev.get("fusion"):
+            fused = dev["fusion"]
+            how = ", ".join(f"{k} {v:.3f}" for k, v in fused.items() if k.startswith("first"))
+            blend = ", ".join(f"{k} {v:.4f}" for k, v in fused.items() if not k.startswith("first"))
+            typer.echo(f"with BM25 ({how}): {blend}")
+
+@app.command("export")
+def export_model(
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Saved MICE model folder (e.g. RUN/model from mice train).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.")],
+    delta: Annotated[bool, typer.Option("--delta/--full", help="Store only what differs from the backbone, in float16 (small; needs the backbone where it loads), or the full model.")] = True,
+) -> None:
+    """Write a trained MICE model in a form to ship: its float16 difference from the backbone."""
+    from mice_engine.model import MiceModel
+
+    try:
+        loaded = MiceModel.load(model)
+        if output.exists() and any(output.iterdir()):
+            raise ValueError(f"{output} exists and is not empty; choose a new folder")
+        if delta:
+            summary = loaded.save_delta(output)
+            typer.echo(f"wrote {output}: {summary['tensors']} tensors, "
+                       f"{summary['parameters']:,} parameters, {_human_bytes(summary['bytes'])}")
+        else:
+            loaded.save(output)
+            typer.echo(f"wrote {output}")
+    except _expected_errors() as error:
+        raise _fail(error) from None
+
+
+@app.command()
+def rerank(
+    run: Annotated[Path, typer.Option("--run", help="First-stage TREC run file (qid Q0 docid rank score tag) whose candidates are re-ranked.")],
+    queries: Annotated[str, typer.Option(help="Query texts: a BEIR folder, queries .jsonl/.tsv, or irds:<id>.")],
+    collection: Annotated[str, typer.Option(help="Documents, looked up by id: a BEIR folder, a .jsonl[.gz]/.tsv corpus, or irds:<id>.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="TREC run file to write ('-' for standard output).")],
+    model: Annotated[str | None, typer.Option(help="Cross-encoder folder, MICE model folder, or a backbone folder or Hugging Face id (as an untrained MICE model) [default: all-MiniLM-L6-v2 as MICE-l3+3, untrained head].")] = None,
+    depth: Annotated[int, typer.Option(min=1, help="Candidates re-ranked per query: the first DEPTH results of the run; the output contains only these.")] = 100,
+    split: Annotated[str, typer.Option(help="Split whose judged queries a BEIR folder contributes (qrels/<split>.tsv).")] = "test",
+    batch_size: Annotated[int, typer.Option(min=1, help="Documents per forward pass.")] = 32,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (the GPU when PyTorch sees one).")] = "auto",
+    tag: Annotated[str, typer.Option(help="Run tag in the TREC file.")] = "rerank",
+    timings: Annotated[Path | None, typer.Option(help="Write per-query re-ranking seconds and their p50/p95 as JSON to this file.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no informational logs.")] = False,
+) -> None:
+    """Re-rank the top candidates of a TREC run with a MICE model or a cross-encoder."""
+    _setup_logging(quiet)
+    from tqdm.auto import tqdm
+
+    from mice_engine.cross_encoder import load_reranker
+    from mice_engine.evaluation import write_trec_run
+    from mice_engine.indexing import resolve_device
+    from mice_engine.rerank import load_documents, match_queries, read_candidates
+    from mice_engine.rerank import rerank as rerank_run
+    from mice_engine.sources import read_queries
+
+    try:
+        candidates = read_candidates(run, depth)
+        query_texts = match_queries(candidates, read_queries(queries, split=split), queries)
+        needed = {doc_id for doc_ids in candidates.values() for doc_id in doc_ids}
+        documents = load_documents(collection, needed, show_progress=not quiet)
+        reranker = load_reranker(model).to(resolve_device(device))
+        if not quiet:
+            typer.echo(f"model: {reranker.config.name} from {reranker.source}", err=True)
+        with tqdm(total=len(candidates), unit="query", desc="re-ranking", disable=quiet,
+                  dynamic_ncols=True) as progress:
+            result = rerank_run(reranker, candidates, query_texts, documents,
+                                batch_size=batch_size, on_query=lambda _: progress.update())
+        if str(output) == "-":
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as folder:
+                temporary = Path(folder) / "run.trec"
+                write_trec_run(temporary, result.run, tag)
+                sys.stdout.write(temporary.read_text(encoding="utf-8"))
+        else:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            write_trec_run(output, result.run, tag)
+    except _expected_errors() as error:
+        raise _fail(error) from None
+    results = sum(len(ranked) for ranked in result.run.values())
+    if str(output) != "-":
+        typer.echo(f"wrote {results:,} re-ranked results for {len(result.run):,} queries to "
+                   f"{output}", err=True)
+    latency = result.latency_ms()
+    if latency:
+        typer.echo(f"re-ranking time per query: p50 {latency['p50_ms']:.1f} ms   "
+                   f"p95 {latency['p95_ms']:.1f} ms   mean {latency['mean_ms']:.1f} ms", err=True)
+    if timings is not None:
+        timings.parent.mkdir(parents=True, exist_ok=True)
+        timings.write_text(json.dumps({"summary_ms": latency, "per_query_seconds": result.seconds},
+                                      indent=2) + "\n")
+    if not reranker.config.trained:
+        typer.echo("note: this model's scoring head is untrained, so its ranking is close to "
+                   "random; use a trained model for real results", err=True)
+
 
 @app.command()
 def bench(
     suite_file: Annotated[Path, typer.Argument(metavar="SUITE", help="Suite file (.toml), for example benchmarks/suites/smoke.toml.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Results folder to create (default: benchmarks/results/<suite name>).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Results folder to create (default: benchmarks/results/<suite name>).")] = None,
     index_dir: Annotated[Path, typer.Option(help="Folder for the indexes that the suite builds (a subfolder per suite).")] = Path("indexes/bench"),
-    max_queries: Annotated[Optional[int], typer.Option(min=1, help="Run every system, and the interaction micro-benchmark, on at most this many queries (the first of the suite's query order); for quick checks.")] = None,
-    model: Annotated[Optional[list[str]], typer.Option(help="Replace a model of the suite's models table, as KEY=SPEC (SPEC: default, a model folder, a backbone); repeatable.")] = None,
-    collection: Annotated[Optional[list[str]], typer.Option(help="Replace a collection's source, as NAME=SOURCE; repeatable.")] = None,
+    max_queries: Annotated[int | None, typer.Option(min=1, help="Run every system, and the interaction micro-benchmark, on at most this many queries (the first of the suite's query order); for quick checks.")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="Replace a model of the suite's models table, as KEY=SPEC (SPEC: default, a model folder, a backbone); repeatable.")] = None,
+    collection: Annotated[list[str] | None, typer.Option(help="Replace a collection's source, as NAME=SOURCE; repeatable.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto.")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(min=1, help="PyTorch CPU threads for the whole run (default: PyTorch's choice, one per core).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="PyTorch CPU threads for the whole run (default: PyTorch's choice, one per core).")] = None,
     reuse_indexes: Annotated[bool, typer.Option("--reuse-indexes", help="Reuse complete indexes of the same source and model from an earlier run; their indexing figures are then not measured in this run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of an earlier run in the output folder.")] = False,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Draw the PNG plots (needs matplotlib).")] = True,
@@ -418,7 +696,7 @@ def bench(
                        f"over {interaction['query_count']} queries")
 
 
-def _assignments(values: Optional[list[str]], option: str) -> dict[str, str]:
+def _assignments(values: list[str] | None, option: str) -> dict[str, str]:
     assignments = {}
     for value in values or []:
         key, separator, spec = value.partition("=")

@@ -30,7 +30,8 @@ class CheckReport:
 
 def check_index(folder: str | os.PathLike, verify_checksum: bool = True) -> CheckReport:
     """Verify an index: manifest, store layout, alignment of ids, states and texts, checksum,
-    finiteness of every state, and the BM25 document count.
+    finiteness of every state (decoded, for a store of codes), the BM25 document count, and
+    the FAISS files (codec and dense index): size, SHA-256 and agreement with the store.
 
     Problems are collected, not raised, so that one run lists everything that is wrong.
     """
@@ -64,14 +65,66 @@ def check_index(folder: str | os.PathLike, verify_checksum: bool = True) -> Chec
                 f"BM25 covers {documents} documents but the manifest lists {counts['documents']}"
             )
         report.checked.append("bm25")
+    _check_files(report, manifest, verify_checksum)
     return report
+
+
+def _check_files(report: CheckReport, manifest: dict, verify_checksum: bool) -> None:
+    """Check the files the manifest lists (codec.faiss, dense.faiss) and load the FAISS ones."""
+    from .compression import CODEC_FILE, file_record
+
+    files = manifest.get("files", {})
+    for name, expected in files.items():
+        path = report.folder / name
+        if not path.is_file():
+            report.problems.append(f"{path} is listed in the manifest but missing")
+            continue
+        if path.stat().st_size != expected["bytes"]:
+            report.problems.append(f"{path} has {path.stat().st_size} bytes but the manifest "
+                                   f"lists {expected['bytes']}; rebuild the index")
+        elif verify_checksum and file_record(path)["sha256"] != expected["sha256"]:
+            report.problems.append(f"the SHA-256 of {path} differs from the manifest: the file "
+                                   "was modified or corrupted after the build")
+    if manifest["states"].get("compression", "none") != "none" and CODEC_FILE not in files:
+        report.problems.append(f"the states are {manifest['states']['compression']} codes but the "
+                               f"manifest lists no {CODEC_FILE}")
+    dense = manifest["first_stage"].get("dense")
+    if dense is not None:
+        path = report.folder / dense["path"]
+        if dense["path"] not in files:
+            report.problems.append(f"the dense index {dense['path']} is not in the manifest's files")
+        elif path.is_file():
+            import faiss
+
+            from .dense import read_mapped
+
+            try:
+                index = read_mapped(faiss, path, dense.get("kind", "ivfpq"))
+            except RuntimeError as error:
+                report.problems.append(f"the dense index {path} cannot be read by FAISS: {error}")
+                return
+            tokens = manifest["counts"]["tokens"]
+            if index.ntotal != tokens or index.d != manifest["states"]["hidden_size"]:
+                report.problems.append(
+                    f"the dense index holds {index.ntotal} vectors of width {index.d}, but the "
+                    f"store holds {tokens} token states of width "
+                    f"{manifest['states']['hidden_size']}; rebuild the index")
+    if files:
+        report.checked.append("faiss files")
 
 
 def _check_store(handle, manifest: dict, report: CheckReport, verify_checksum: bool) -> None:
     from .store import _STRING_FIELDS, _read_all_strings
 
+    from .store import CODES_DATASET, STATES_DATASET
+
     counts = manifest["counts"]
-    states = handle["states"]
+    compressed = CODES_DATASET in handle
+    if compressed != (manifest["states"].get("compression", "none") != "none"):
+        report.problems.append("the store and the manifest disagree on whether the states are "
+                               "compressed; rebuild the index")
+        return
+    states = handle[CODES_DATASET] if compressed else handle[STATES_DATASET]
     offsets = handle["offsets"][()]
     documents = len(offsets) - 1
     if documents != counts["documents"]:
@@ -80,9 +133,11 @@ def _check_store(handle, manifest: dict, report: CheckReport, verify_checksum: b
     if states.shape[0] != counts["tokens"]:
         report.problems.append(f"the store holds {states.shape[0]} token states but the manifest "
                                f"lists {counts['tokens']}")
-    if states.shape[1] != manifest["states"]["hidden_size"]:
-        report.problems.append(f"states have width {states.shape[1]} but the manifest lists "
-                               f"{manifest['states']['hidden_size']}")
+    width = (manifest["states"]["code_bytes_per_token"] if compressed
+             else manifest["states"]["hidden_size"])
+    if states.shape[1] != width:
+        report.problems.append(f"stored rows have width {states.shape[1]} but the manifest lists "
+                               f"{width}")
     if offsets[0] != 0 or offsets[-1] != states.shape[0] or np.any(np.diff(offsets) < 1):
         report.problems.append("document offsets are not increasing from 0 to the number of "
                                "token states: states and documents are misaligned")
@@ -107,11 +162,28 @@ def _check_store(handle, manifest: dict, report: CheckReport, verify_checksum: b
             report.problems.append(f"{len(values) - len(set(values))} document ids repeat")
     report.checked.append("ids and texts")
 
+    codec = None
+    if compressed:
+        from .compression import CodecError, StateCodec
+
+        attributes = states.attrs
+        try:
+            codec = StateCodec.load(report.folder / str(attributes["codec_file"]),
+                                    str(attributes["codec"]))
+        except (CodecError, KeyError, RuntimeError) as error:
+            report.problems.append(f"the codec of the store cannot be loaded: {error}")
+            return
+        if codec.code_size != states.shape[1] or codec.dimension != manifest["states"]["hidden_size"]:
+            report.problems.append(f"the codec writes {codec.code_size}-byte codes of width "
+                                   f"{codec.dimension}, but the store holds {states.shape[1]}-byte "
+                                   "codes and the manifest another width")
+            return
     digest = hashlib.sha256()
     non_finite = 0
     for start in range(0, states.shape[0], _HASH_ROWS):
         block = states[start : start + _HASH_ROWS]
-        non_finite += int(np.count_nonzero(~np.isfinite(block)))
+        values = codec.decode(block) if codec is not None else block
+        non_finite += int(np.count_nonzero(~np.isfinite(values)))
         if verify_checksum:
             digest.update(block.tobytes())
     if non_finite:
@@ -121,4 +193,11 @@ def _check_store(handle, manifest: dict, report: CheckReport, verify_checksum: b
         if digest.hexdigest() != manifest["states"]["sha256"]:
             report.problems.append("the states' SHA-256 differs from the manifest: the store was "
                                    "modified or corrupted after the build; rebuild with --overwrite")
+        if compressed and STATES_DATASET in handle:
+            kept = hashlib.sha256()
+            for start in range(0, handle[STATES_DATASET].shape[0], _HASH_ROWS):
+                kept.update(handle[STATES_DATASET][start : start + _HASH_ROWS].tobytes())
+            if kept.hexdigest() != manifest["states"].get("float16_sha256"):
+                report.problems.append("the SHA-256 of the float16 states kept beside the codes "
+                                       "differs from the manifest")
         report.checked.append("checksum")

@@ -74,6 +74,16 @@ class BM25FirstStage:
     def num_documents(self) -> int:
         return int(self.settings["documents"])
 
+    def score_all(self, query: str) -> np.ndarray:
+        """BM25 score of every document for ``query``, in row order (0 without a shared term)."""
+        ids = self._tokenizer.tokenize([query], update_vocab=False, show_progress=False,
+                                       return_as="ids")[0]
+        unknown = self._tokenizer.get_vocab_dict().get("")
+        ids = [token for token in ids if token != unknown]
+        if not ids:
+            return np.zeros(self.num_documents, dtype=np.float32)
+        return np.asarray(self._retriever.get_scores(ids), dtype=np.float32)
+
     def retrieve(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Return (document rows, scores) of the top ``k`` documents, best first.
 

@@ -4,6 +4,8 @@ An index folder holds:
 
 - ``states.h5``: the state store (see :mod:`mice_engine.store`);
 - ``bm25/``: the BM25 first stage over the same documents in the same order;
+- ``codec.faiss``: the codec of compressed states, when the index stores codes;
+- ``dense.faiss``: the dense first stage's FAISS index, when the index has one;
 - ``manifest.json``: written last, so a folder without it is an unfinished build;
 - while a build runs: ``build.json`` (its settings, checked by ``--resume``) and ``shards/``.
 """
@@ -27,6 +29,7 @@ from .encoding import ForwardTimer, encode_sequences, tokenize, tokenize_windows
 from .first_stage import BM25_DIR, BM25FirstStage
 from .model import MiceModel, load_model
 from .sources import Document, SourceError, open_documents
+from .storage import StorageOptions, remove_storage_files, states_record, write_storage
 from .store import (SHARDS_DIR, STATES_FILE, StateStore, committed_shards, merge_shards,
                     read_shard_ids, shard_statistics, write_shard)
 
@@ -35,7 +38,9 @@ logger = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
 BUILD_FILE = "build.json"
 INDEX_FORMAT = "mice-index"
-INDEX_FORMAT_VERSION = 1
+# Version 2 added compressed stores (codes and codec.faiss), dense.faiss and the manifest's
+# "files" entry. Version 1 indexes read as float16 indexes without a dense first stage.
+INDEX_FORMAT_VERSION = 2
 MODES = ("create", "resume", "overwrite")
 DUPLICATE_POLICIES = ("error", "first")
 LONG_DOCUMENT_POLICIES = ("truncate", "windows")
@@ -234,6 +239,7 @@ def build_index(
     on_duplicate: str = "error",
     long_documents: str = "truncate",
     window_stride: int | None = None,
+    storage: StorageOptions | None = None,
     show_progress: bool = True,
     progress_callback: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
@@ -256,6 +262,8 @@ def build_index(
             ``"truncate"`` keeps its beginning. ``"windows"`` stores overlapping windows of it,
             and search scores the document by its best window.
         window_stride: tokens between the starts of two windows [default: half a window].
+        storage: compression of the states and the dense index (see
+            :class:`mice_engine.storage.StorageOptions`) [default: float16, no dense index].
         progress_callback: called after each committed shard with the number of documents
             read from the source so far.
 
@@ -281,6 +289,8 @@ def build_index(
     check_output_folder(output, mode)
     if not isinstance(model, MiceModel):
         model = load_model(model)
+    storage = storage or StorageOptions()
+    storage.check(model.hidden_size)
     device = resolve_device(device)
     model.to(device).eval()
 
@@ -297,7 +307,7 @@ def build_index(
     try:
         return _build(documents, folder, output, model, record, settings, batch_size,
                       chunk_size, device, on_duplicate, window_stride, show_progress,
-                      progress_callback)
+                      progress_callback, storage)
     except DiskFullError:
         raise
     except (SourceError, MiceIndexError, ValueError):
@@ -313,6 +323,7 @@ def _remove_build(folder: Path, output: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         return
     shutil.rmtree(folder / SHARDS_DIR, ignore_errors=True)
+    remove_storage_files(folder)
     for name in (BUILD_FILE, STATES_FILE):
         (folder / name).unlink(missing_ok=True)
     if not any(folder.iterdir()):
@@ -322,7 +333,8 @@ def _remove_build(folder: Path, output: Path) -> None:
 def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict[str, Any],
            settings: dict[str, Any], batch_size: int, chunk_size: int, device: str,
            on_duplicate: str, window_stride: int | None, show_progress: bool,
-           progress_callback: Callable[[int], None] | None) -> dict[str, Any]:
+           progress_callback: Callable[[int], None] | None,
+           storage: StorageOptions) -> dict[str, Any]:
     """Encode, commit, merge and finish a build that :func:`build_index` has prepared."""
     long_documents = settings["long_documents"]
     shard_folder = folder / SHARDS_DIR
@@ -414,6 +426,11 @@ def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict
             texts = [store.document(i).full_text() for i in range(len(store))]
         bm25 = BM25FirstStage.build(texts, show_progress=show_progress)
         bm25.save(folder / BM25_DIR)
+        # The dense index and the codec run on the float16 store just merged; the codes then
+        # replace it, unless the float16 states are kept.
+        remove_storage_files(folder)
+        storage_parts = write_storage(folder / STATES_FILE, folder, storage,
+                                      show_progress=show_progress)
     except OSError as error:
         _raise_if_disk_full(error, folder)
         raise
@@ -429,26 +446,18 @@ def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict
     if stats["split_documents"]:
         logger.info("%d documents were longer than %d tokens and were stored as windows",
                     stats["split_documents"], model.config.doc_max_length)
-    states_bytes = (folder / STATES_FILE).stat().st_size
     manifest = {
         "format": INDEX_FORMAT,
         "format_version": INDEX_FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": documents.description,
         "model": record,
-        "states": {
-            "file": STATES_FILE,
-            "dtype": "float16",
-            "compression": "none",
-            "hidden_size": store_info["hidden_size"],
-            "sha256": store_info["states_sha256"],
-            # The state rows alone take hidden * 2 bytes per token. The file also contains the
-            # offsets, ids and texts.
-            "bytes": states_bytes,
-            "bytes_per_token": store_info["hidden_size"] * 2,
-            "file_bytes_per_token": round(states_bytes / store_info["tokens"], 2),
-        },
+        # bytes_per_token counts the stored rows alone; file_bytes_per_token adds the offsets,
+        # ids and texts that the file also contains.
+        "states": states_record(folder, storage_parts["codec"], store_info["tokens"],
+                                store_info["hidden_size"], store_info["states_sha256"]),
         "first_stage": {"bm25": {"path": BM25_DIR, **bm25.settings}},
+        "files": storage_parts["files"],
         "counts": {"documents": store_info["documents"], "tokens": store_info["tokens"],
                    "windows": store_info["windows"], **stats},
         "long_documents": {"policy": long_documents, "window_stride": window_stride},
@@ -474,6 +483,8 @@ def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict
         },
         "versions": library_versions(),
     }
+    if storage_parts["dense"] is not None:
+        manifest["first_stage"]["dense"] = storage_parts["dense"]
     manifest["bytes"] = (_folder_bytes(folder) - _folder_bytes(shard_folder)
                          - (folder / BUILD_FILE).stat().st_size)
     # The manifest marks the index complete, so the shards go only after it is written: a build

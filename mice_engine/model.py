@@ -41,6 +41,12 @@ MODEL_CONFIG_FILE = "mice_config.json"
 BACKBONE_CONFIG_FILE = "backbone_config.json"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_FORMAT_VERSION = 1
+# A model saved as its difference from the model that `from_backbone` builds (same backbone,
+# split, lengths and head seed), in float16, and only for tensors that changed.
+DELTA_FILE = "delta.safetensors"
+# The trained model shipped inside the package, and the name that selects it.
+DEFAULT_MODEL_NAME = "default"
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 
 # Default split for a 6-layer backbone such as all-MiniLM-L6-v2: MICE-l3+3. The authors found
 # that 3 interaction layers cost almost nothing against 8, that 2 are unstable across seeds and
@@ -71,6 +77,9 @@ class MiceConfig:
     trained: bool = False
     head_seed: int = 0
     training: dict[str, Any] = field(default_factory=dict)
+    # Blend with the first-stage (BM25) score at search time, e.g. {"first_stage_weight": 0.3,
+    # "dev": {...}}; empty: rank by the MICE score alone. See search.fuse_scores.
+    fusion: dict[str, Any] = field(default_factory=dict)
     format_version: int = MODEL_FORMAT_VERSION
 
     @property
@@ -603,13 +612,95 @@ class MiceModel(nn.Module):
             self.tokenizer.save_pretrained(str(folder))
         return folder
 
+    def save_delta(self, folder: str | os.PathLike) -> dict[str, Any]:
+        """Write the model as its difference from its backbone, in float16.
+
+        Only tensors that differ from what :meth:`from_backbone` builds with the same backbone,
+        split, lengths and head seed are stored, as (trained - initial) in float16, which loses
+        far less than rounding the weights themselves. The backbone must be available where the
+        folder is loaded. Returns a summary: stored tensors, parameters and bytes.
+        """
+        from safetensors.torch import save_file
+
+        base = self._initial_model()
+        base_state = base.state_dict()
+        delta = {}
+        for name, tensor in self.state_dict().items():
+            if name.endswith("_ids"):
+                continue
+            tensor = tensor.detach().cpu()
+            if not torch.equal(tensor, base_state[name]):
+                delta[name] = (tensor.float() - base_state[name].float()).half().contiguous()
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(delta, str(folder / DELTA_FILE), metadata={
+            "format": "mice-delta", "base_sha256": base.weights_sha256(),
+        })
+        (folder / MODEL_CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        return {
+            "tensors": len(delta),
+            "parameters": sum(t.numel() for t in delta.values()),
+            "bytes": (folder / DELTA_FILE).stat().st_size,
+        }
+
+    def _initial_model(self) -> MiceModel:
+        config = self.config
+        return MiceModel.from_backbone(
+            config.backbone, merge_layer=config.merge_layer,
+            interaction_layers=config.interaction_layers,
+            query_max_length=config.query_max_length, doc_max_length=config.doc_max_length,
+            seed=config.head_seed,
+        )
+
+    @classmethod
+    def _load_delta(cls, folder: Path, config: MiceConfig) -> MiceModel:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / DELTA_FILE), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            delta = {name: handle.get_tensor(name) for name in handle.keys()}
+        if metadata.get("format") != "mice-delta":
+            raise ModelError(f"{folder / DELTA_FILE} is not a MICE delta file")
+        try:
+            model = MiceModel.from_backbone(
+                config.backbone, merge_layer=config.merge_layer,
+                interaction_layers=config.interaction_layers,
+                query_max_length=config.query_max_length, doc_max_length=config.doc_max_length,
+                seed=config.head_seed,
+            )
+        except ModelError as error:
+            raise ModelError(f"{folder} stores a difference from backbone {config.backbone!r}, "
+                             f"which cannot be loaded: {error}") from error
+        if model.weights_sha256() != metadata.get("base_sha256"):
+            raise ModelError(
+                f"{folder} was trained from other {config.backbone!r} weights than the ones "
+                "installed here (hash differs); install the backbone it names, or use a model "
+                "saved in full"
+            )
+        state = model.state_dict()
+        unknown = sorted(set(delta) - set(state))
+        if unknown:
+            raise ModelError(f"{folder / DELTA_FILE} holds tensors this model lacks: {unknown[:5]}")
+        with torch.no_grad():
+            for name, difference in delta.items():
+                target = state[name]
+                target.copy_((target.float() + difference.float()).to(target.dtype))
+        model.config = config
+        return model
+
     @classmethod
     def load(cls, folder: str | os.PathLike, *, map_location: str = "cpu") -> MiceModel:
-        """Load a folder written by :meth:`save`."""
+        """Load a folder written by :meth:`save` or :meth:`save_delta`."""
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoTokenizer
 
         folder = Path(folder)
+        if (folder / MODEL_CONFIG_FILE).is_file() and (folder / DELTA_FILE).is_file():
+            config = MiceConfig.from_dict(json.loads((folder / MODEL_CONFIG_FILE).read_text()))
+            model = cls._load_delta(folder, config)
+            model.source = str(folder.resolve())
+            model.eval()
+            return model
         for name in (MODEL_CONFIG_FILE, BACKBONE_CONFIG_FILE, WEIGHTS_FILE):
             if not (folder / name).is_file():
                 raise ModelError(f"{folder} is not a MICE model folder: {name} is missing")
@@ -701,6 +792,21 @@ def load_model(spec: str | os.PathLike | None = None, **backbone_options: Any) -
     backbone folder or Hugging Face id, or ``None`` for the default backbone. Options such as
     ``merge_layer`` apply only when building from a backbone.
     """
+    if spec is None and not backbone_options and (DEFAULT_MODEL_DIR / MODEL_CONFIG_FILE).is_file():
+        spec = DEFAULT_MODEL_NAME
+    if spec is not None and str(spec) == DEFAULT_MODEL_NAME:
+        if backbone_options:
+            raise ModelError(
+                f"the default model is trained with a fixed split and lengths, so "
+                f"{sorted(backbone_options)} cannot be changed; pass --model all-MiniLM-L6-v2 to "
+                "build an untrained model from the backbone"
+            )
+        if not (DEFAULT_MODEL_DIR / MODEL_CONFIG_FILE).is_file():
+            raise ModelError(f"this installation has no default model ({DEFAULT_MODEL_DIR} is "
+                             "missing); reinstall mice-engine or pass --model")
+        model = MiceModel.load(DEFAULT_MODEL_DIR)
+        model.source = DEFAULT_MODEL_NAME
+        return model
     if spec is not None and (Path(spec) / MODEL_CONFIG_FILE).is_file():
         if backbone_options:
             raise ModelError(

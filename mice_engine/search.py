@@ -1,7 +1,9 @@
-"""Query time: BM25 candidates, their stored states, MICE interaction scoring, ranking.
+"""Query time: first-stage candidates, their stored states, MICE interaction scoring, ranking.
 
-Rankings are sorted by descending score. Equal scores are ordered by descending document id,
-which is trec_eval's order, so a written run and its evaluation agree on ranks.
+The first stage is BM25, the dense index over the stored token states, or both fused by
+reciprocal rank fusion (``hybrid``). Rankings are sorted by descending score. Equal scores are
+ordered by descending document id, which is trec_eval's order, so a written run and its
+evaluation agree on ranks.
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ from typing import Any
 
 import numpy as np
 
+from .dense import DENSE_FILE, DenseFirstStage, reciprocal_rank_fusion
 from .first_stage import BM25_DIR, BM25FirstStage
 from .indexing import MiceIndexError, read_manifest, resolve_device
-from .model import MiceModel, load_model
+from .model import DEFAULT_MODEL_NAME, MiceModel, load_model
 from .sources import Query
 from .store import StateStore
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("first_stage", "query_encoding", "load_states", "interaction")
+FIRST_STAGES = ("bm25", "dense", "hybrid")
+# The k of reciprocal rank fusion: 60, the value of its authors (Cormack, Clarke and Büttcher,
+# SIGIR 2009), which Elasticsearch and LanceDB also use by default.
+RRF_K = 60
 
 
 @dataclass
@@ -46,6 +53,7 @@ class SearchResult:
     # Seconds spent in each of STAGES for this query.
     timings: dict[str, float] = field(default_factory=dict)
     query_truncated: bool = False
+    first_stage: str = "bm25"
 
 
 def rank_order(doc_ids: list[str], scores: np.ndarray) -> list[int]:
@@ -80,7 +88,8 @@ def length_batches(lengths: np.ndarray, max_batch: int,
 
 
 class Index:
-    """A complete index folder opened for search: manifest, state store and BM25."""
+    """A complete index folder opened for search: manifest, state store, BM25 and, when the
+    index has one, the dense index (opened on first use)."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
@@ -101,6 +110,24 @@ class Index:
                 f"index {self.folder}: BM25 covers {self.bm25.num_documents} documents but the "
                 f"store holds {len(self.store)}; rebuild it with --overwrite"
             )
+        self._dense: DenseFirstStage | None = None
+
+    @property
+    def has_dense(self) -> bool:
+        return "dense" in self.manifest["first_stage"]
+
+    @property
+    def dense(self) -> DenseFirstStage:
+        """The dense first stage, memory-mapped on first use."""
+        if self._dense is None:
+            record = self.manifest["first_stage"].get("dense")
+            if record is None:
+                raise MiceIndexError(
+                    f"index {self.folder} has no dense index; derive one with `mice compress "
+                    f"{self.folder} --output DIR --dense`, or use --first-stage bm25")
+            self._dense = DenseFirstStage.load(self.folder / record.get("path", DENSE_FILE),
+                                               self.store.offsets, record)
+        return self._dense
 
     def __len__(self) -> int:
         return len(self.store)
@@ -117,7 +144,7 @@ class Index:
                 raise MiceIndexError(f"index {self.folder} does not record where its model is; "
                                  "pass --model")
             source = record["source"]
-            if Path(source).is_dir() and (Path(source) / "mice_config.json").is_file():
+            if source == DEFAULT_MODEL_NAME or (Path(source) / "mice_config.json").is_file():
                 model = load_model(source)
             else:
                 model = load_model(
@@ -146,7 +173,29 @@ class Index:
         return model
 
     def close(self) -> None:
+        self._dense = None
         self.store.close()
+
+
+def fuse_scores(mice_scores: np.ndarray, first_stage_scores: np.ndarray,
+                first_stage_weight: float) -> np.ndarray:
+    """Blend MICE and first-stage scores of one query's candidates.
+
+    Each list is standardised over the candidates (zero mean, unit deviation; a constant list
+    becomes zeros), then ``(1 - w) * mice + w * first_stage``. ``w = 0`` keeps the MICE ranking.
+    """
+    def standardise(values: np.ndarray) -> np.ndarray:
+        values = values.astype(np.float64)
+        deviation = values.std()
+        return (values - values.mean()) / deviation if deviation > 0 else np.zeros_like(values)
+
+    w = float(first_stage_weight)
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"first_stage_weight must be between 0 and 1, got {w}")
+    if w == 0.0:
+        return np.asarray(mice_scores, dtype=np.float32)
+    blended = (1 - w) * standardise(mice_scores) + w * standardise(first_stage_scores)
+    return blended.astype(np.float32)
 
 
 class Searcher:
@@ -160,58 +209,116 @@ class Searcher:
     """
 
     def __init__(self, index: Index | str | os.PathLike, model: MiceModel | str | None = None,
-                 device: str | None = None, batch_size: int = 128) -> None:
+                 device: str | None = None, batch_size: int = 128, fusion: bool = True) -> None:
         import torch
 
         self.index = index if isinstance(index, Index) else Index(index)
         self.device = resolve_device(device)
         self.model = self.index.load_model(model).to(self.device).eval()
         self.batch_size = batch_size
+        # A model trained with a BM25 blend weight (tuned on held-out queries) ranks by the
+        # blend unless ``fusion`` is False, which gives the MICE scores alone.
+        settings = self.model.config.fusion or {}
+        weight = settings.get("first_stage_weight")
+        scale = settings.get("first_stage_scale")
+        self.fusion_weight = float(weight) if fusion and weight else None
+        # A model trained on "MICE + scale * BM25" (mode "sum") ranks by that sum.
+        self.fusion_scale = float(scale) if fusion and scale else None
         self._torch = torch
         self._warned_untrained = False
 
     def search(self, query: str, k: int = 10, candidates: int = 100,
-               first_stage_only: bool = False, with_text: bool = False) -> SearchResult:
+               first_stage_only: bool = False, with_text: bool = False,
+               first_stage: str = "bm25", nprobe: int | None = None,
+               token_candidates: int | None = None) -> SearchResult:
         """Rank documents for one query text.
 
         Args:
             query: the query text.
             k: number of hits returned (fewer when fewer documents match).
-            candidates: documents that BM25 passes to the interaction stage; at least ``k``.
-            first_stage_only: return the BM25 ranking itself, without MICE.
+            candidates: documents that the first stage passes to the interaction stage; at
+                least ``k``.
+            first_stage_only: return the first-stage ranking itself, without MICE.
             with_text: fill each hit's title and text from the store.
+            first_stage: ``bm25``, ``dense`` (the dense index over the stored token states) or
+                ``hybrid`` (both lists, each ``candidates`` deep, fused by reciprocal rank
+                fusion with k = 60).
+            nprobe: inverted lists the dense index visits per query token [default: 32].
+            token_candidates: nearest stored tokens per query token [default: 256 or
+                ``candidates``, whichever is larger].
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         if candidates < k:
             raise ValueError(f"candidates ({candidates}) must be at least k ({k})")
+        if first_stage not in FIRST_STAGES:
+            raise ValueError(f"first_stage must be one of {', '.join(FIRST_STAGES)}, got "
+                             f"{first_stage!r}")
         timings = dict.fromkeys(STAGES, 0.0)
+        encoded = None
+        if first_stage != "bm25":
+            encoded = self._encode_query(query, timings)
         tick = time.perf_counter()
-        rows, bm25_scores = self.index.bm25.retrieve(query, candidates)
+        rows, first_scores = self._first_stage(query, first_stage, candidates, encoded, nprobe,
+                                               token_candidates)
         doc_ids = [self.index.store.doc_ids[row] for row in rows]
-        first_order = rank_order(doc_ids, bm25_scores)
+        first_order = rank_order(doc_ids, first_scores)
         first_rank = {int(rows[i]): rank for rank, i in enumerate(first_order, start=1)}
         timings["first_stage"] = time.perf_counter() - tick
 
-        truncated = False
+        truncated = encoded[2] if encoded is not None else False
         if first_stage_only or len(rows) == 0:
-            scores, order = bm25_scores, first_order
+            scores, order = first_scores, first_order
         else:
-            scores, truncated = self._score(query, rows, timings)
+            scores, truncated = self._score(query, rows, timings, encoded)
+            if self.fusion_scale is not None or self.fusion_weight is not None:
+                # The blend was learnt with BM25 scores, whatever the first stage was.
+                bm25_scores = (first_scores if first_stage == "bm25"
+                               else self.index.bm25.score_all(query)[rows])
+                if self.fusion_scale is not None:
+                    scores = (scores + self.fusion_scale * bm25_scores).astype(np.float32)
+                else:
+                    scores = fuse_scores(scores, bm25_scores, self.fusion_weight)
             order = rank_order(doc_ids, scores)
         hits = []
         for rank, i in enumerate(order[:k], start=1):
             row = int(rows[i])
-            hit = Hit(rank, doc_ids[i], float(scores[i]), first_rank[row], float(bm25_scores[i]))
+            hit = Hit(rank, doc_ids[i], float(scores[i]), first_rank[row], float(first_scores[i]))
             if with_text:
                 document = self.index.store.document(row)
                 hit.title, hit.text = document.title, document.text
             hits.append(hit)
-        return SearchResult(query, hits, len(rows), timings, truncated)
+        return SearchResult(query, hits, len(rows), timings, truncated, first_stage)
 
-    def _score(self, query: str, rows: np.ndarray, timings: dict[str, float]):
+    def _encode_query(self, query: str, timings: dict[str, float]):
+        """Run the lower layers on the query: (states, mask, whether it was truncated)."""
         from .encoding import encode_query
 
+        tick = time.perf_counter()
+        with self._torch.inference_mode():
+            encoded = encode_query(self.model, query)
+        timings["query_encoding"] += time.perf_counter() - tick
+        return encoded
+
+    def _first_stage(self, query: str, first_stage: str, candidates: int, encoded,
+                     nprobe: int | None, token_candidates: int | None):
+        """Candidate rows and their first-stage scores (BM25, dense, or fused ranks)."""
+        if first_stage == "bm25":
+            return self.index.bm25.retrieve(query, candidates)
+        states, mask, _ = encoded
+        query_states = states[0][mask[0].bool()].float().cpu().numpy()
+        dense_rows, dense_scores = self.index.dense.retrieve(
+            query_states, candidates, nprobe=nprobe, token_candidates=token_candidates)
+        if first_stage == "dense":
+            return dense_rows, dense_scores
+        bm25_rows, bm25_scores = self.index.bm25.retrieve(query, candidates)
+        # Each list in its own rank order (ties by descending id) before the fusion.
+        store = self.index.store
+        rankings = [rows[rank_order([store.doc_ids[row] for row in rows], scores)]
+                    for rows, scores in ((bm25_rows, bm25_scores), (dense_rows, dense_scores))]
+        return reciprocal_rank_fusion(rankings, candidates, RRF_K)
+
+    def _score(self, query: str, rows: np.ndarray, timings: dict[str, float], encoded=None):
         torch = self._torch
         if not self.model.config.trained and not self._warned_untrained:
             logger.warning(
@@ -220,9 +327,9 @@ class Searcher:
             )
             self._warned_untrained = True
         with torch.inference_mode():
-            tick = time.perf_counter()
-            query_states, query_mask, truncated = encode_query(self.model, query)
-            timings["query_encoding"] += time.perf_counter() - tick
+            if encoded is None:
+                encoded = self._encode_query(query, timings)
+            query_states, query_mask, truncated = encoded
 
             # Each candidate is scored by its best window (one window unless the index split
             # long documents). A forward pass takes up to batch_size windows, longest first,
@@ -261,9 +368,11 @@ class Searcher:
         width = max(end - start for _, start, end in windows)
         padded = np.zeros((len(windows), width, store.hidden_size), dtype=np.float16)
         mask = np.zeros((len(windows), width), dtype=bool)
-        for slot, (_, start, end) in enumerate(windows):
-            padded[slot, : end - start] = store.rows(start, end)
-            mask[slot, : end - start] = True
+        # A store of codes decodes all the windows in one call.
+        parts = store.row_ranges([(start, end) for _, start, end in windows])
+        for slot, part in enumerate(parts):
+            padded[slot, : len(part)] = part
+            mask[slot, : len(part)] = True
         return (torch.from_numpy(padded).to(self.device, dtype=dtype),
                 torch.from_numpy(mask).to(self.device))
 
@@ -273,6 +382,20 @@ class Searcher:
 
     def close(self) -> None:
         self.index.close()
+
+
+def resident_memory_mib() -> dict[str, float]:
+    """Resident memory of this process now and at its peak, in MiB.
+
+    Both include the pages of memory-mapped files that the process has touched.
+    """
+    import resource
+
+    import psutil
+
+    # ru_maxrss is in KiB on Linux (in bytes on macOS).
+    return {"rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def latency_summary(timings: list[dict[str, float]]) -> dict[str, dict[str, float]]:

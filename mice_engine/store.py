@@ -13,6 +13,11 @@ Layout of the final store (``states.h5``):
 - ``doc_ids``, ``titles``, ``texts``: UTF-8 strings kept as a ``data`` byte array plus
   ``offsets``, which can store any text (HDF5's own variable-length strings stop at a NUL byte).
 
+A compressed store (see :mod:`mice_engine.compression`) holds ``codes`` instead of ``states``:
+(total tokens, code size) uint8, one contiguous dataset as well, whose attributes ``codec`` and
+``codec_file`` name the codec and its FAISS file beside the store. It holds ``states`` too only
+when it was written with ``keep_float16``. Reading a row range decodes only those rows.
+
 During a build, documents are committed in shards (``shards/part-NNNNNN.h5``), each written to a
 temporary name, flushed, synced and renamed, so a killed build leaves only whole shards behind.
 :func:`merge_shards` then writes ``states.h5`` in one streaming pass.
@@ -37,11 +42,15 @@ from .sources import Document
 logger = logging.getLogger(__name__)
 
 STATES_FILE = "states.h5"
+STATES_DATASET = "states"
+CODES_DATASET = "codes"
 SHARDS_DIR = "shards"
 _SHARD_PATTERN = "part-*.h5"
 _STRING_FIELDS = ("doc_ids", "titles", "texts")
 # Rows copied per step while merging shards: bounds the merge's memory (4 MiB at hidden 384).
 _COPY_ROWS = 1 << 13
+# Rows coded per step while compressing: 24 MiB of float16 states at hidden 384.
+_ENCODE_ROWS = 1 << 15
 
 
 class StoreError(RuntimeError):
@@ -258,16 +267,73 @@ def merge_shards(shards: Sequence[Path], output: Path) -> dict[str, object]:
             "states_sha256": digest.hexdigest()}
 
 
+def write_compressed_store(source: Path, output: Path, codec, codec_file: str, *,
+                           keep_float16: bool = False) -> dict[str, object]:
+    """Write a store at ``output`` that holds ``codec``'s codes of the float16 states of ``source``.
+
+    Offsets, windows, ids, titles and texts are copied unchanged. The float16 states are copied
+    too when ``keep_float16`` is set, or when ``codec`` is ``None`` (a plain float16 copy). The
+    states are read, coded and written in blocks, so memory stays bounded. ``output`` may be
+    ``source``: the new store replaces it once complete.
+
+    Returns the code size and the SHA-256 of the codes and of the float16 states.
+    """
+    keep_float16 = keep_float16 or codec is None
+    temporary = output.with_suffix(".h5.tmp")
+    temporary.unlink(missing_ok=True)
+    codes_digest = hashlib.sha256()
+    float16_digest = hashlib.sha256()
+    with h5py.File(source, "r") as src:
+        if STATES_DATASET not in src:
+            raise StoreError(f"{source} holds no float16 states, only codes; compress from an "
+                             "index that holds float16 states")
+        states = src[STATES_DATASET]
+        tokens, hidden = states.shape
+        extra = sum(src[name]["data"].shape[0] for name in _STRING_FIELDS)
+        code_size = codec.code_size if codec is not None else 0
+        _require_space(output.parent, tokens * code_size + extra + (1 << 20)
+                       + (tokens * hidden * 2 if keep_float16 else 0))
+        with _writing(temporary), h5py.File(temporary, "w") as out:
+            for name in ("offsets", "window_offsets", "doc_windows", *_STRING_FIELDS):
+                if name in src:
+                    src.copy(src[name], out, name)
+            codes = None
+            if codec is not None:
+                codes = out.create_dataset(CODES_DATASET, shape=(tokens, code_size),
+                                           dtype=np.uint8)
+                codes.attrs["codec"] = codec.name
+                codes.attrs["codec_file"] = codec_file
+            kept = (out.create_dataset(STATES_DATASET, shape=(tokens, hidden), dtype=np.float16)
+                    if keep_float16 else None)
+            for start in range(0, tokens, _ENCODE_ROWS):
+                block = states[start : start + _ENCODE_ROWS]
+                float16_digest.update(block.tobytes())
+                if codes is not None:
+                    coded = codec.encode(block)
+                    codes_digest.update(coded.tobytes())
+                    codes[start : start + len(block)] = coded
+                if kept is not None:
+                    kept[start : start + len(block)] = block
+    _sync(temporary)
+    os.replace(temporary, output)
+    return {"tokens": int(tokens), "hidden_size": int(hidden), "code_size": code_size,
+            "codes_sha256": codes_digest.hexdigest() if codec is not None else None,
+            "float16_sha256": float16_digest.hexdigest()}
+
+
 # --------------------------------------------------------------------------------------------
 # Reading
 class StateStore:
     """Read access to ``states.h5``: document ids, texts and per-token states.
 
-    The states are memory-mapped when the dataset is contiguous and uncompressed (as
-    :func:`merge_shards` writes it), so opening a store reads only offsets and ids.
+    The states (or codes) are memory-mapped when the dataset is contiguous and uncompressed (as
+    :func:`merge_shards` and :func:`write_compressed_store` write it), so opening a store reads
+    only offsets and ids. A store that holds codes decodes the rows it is asked for. With
+    ``prefer_float16``, a store that holds both codes and float16 states reads the float16
+    states.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, prefer_float16: bool = False) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise StoreError(f"state store {self.path} is missing")
@@ -277,7 +343,22 @@ class StateStore:
             raise StoreError(f"state store {self.path} cannot be read as HDF5 ({error}); the "
                              "file is damaged or incomplete, rebuild the index with --overwrite"
                              ) from None
-        states = self._file["states"]
+        self.codec = None
+        if CODES_DATASET in self._file and not (prefer_float16 and STATES_DATASET in self._file):
+            from .compression import StateCodec
+
+            states = self._file[CODES_DATASET]
+            attributes = self._file[CODES_DATASET].attrs
+            self.codec = StateCodec.load(self.path.parent / str(attributes["codec_file"]),
+                                         str(attributes["codec"]))
+            if self.codec.code_size != states.shape[1]:
+                raise StoreError(f"{self.path}: codes of {states.shape[1]} bytes but the codec "
+                                 f"{self.codec.name} writes {self.codec.code_size}; rebuild the "
+                                 "index")
+        elif STATES_DATASET in self._file:
+            states = self._file[STATES_DATASET]
+        else:
+            raise StoreError(f"{self.path} holds neither states nor codes; rebuild the index")
 
         self.offsets = self._file["offsets"][()]
         self.doc_ids = _read_all_strings(self._file["doc_ids"])
@@ -300,11 +381,11 @@ class StateStore:
         if self.doc_windows[-1] != len(self.window_offsets) - 1:
             raise StoreError(f"{self.path}: document windows and window offsets disagree; "
                              "rebuild the index")
-        self.hidden_size = int(states.shape[1])
+        self.hidden_size = self.codec.dimension if self.codec else int(states.shape[1])
 
         offset = states.id.get_offset()
         if states.chunks is None and states.compression is None and offset is not None:
-            self._states = np.memmap(self.path, dtype=np.float16, mode="r", offset=offset,
+            self._states = np.memmap(self.path, dtype=states.dtype, mode="r", offset=offset,
                                      shape=states.shape)
         else:
             self._states = states
@@ -327,9 +408,14 @@ class StateStore:
             self._position = {doc_id: i for i, doc_id in enumerate(self.doc_ids)}
         return self._position[doc_id]
 
+    @property
+    def encoding(self) -> str:
+        """How rows are stored: ``float16`` or the codec's name."""
+        return self.codec.name if self.codec else "float16"
+
     def states(self, position: int) -> np.ndarray:
         """(length, hidden) float16 states of the document at ``position``."""
-        return np.asarray(self._states[self.offsets[position] : self.offsets[position + 1]])
+        return self.rows(int(self.offsets[position]), int(self.offsets[position + 1]))
 
     def windows(self, position: int) -> list[tuple[int, int]]:
         """(first row, end row) of each window of the document at ``position``."""
@@ -338,7 +424,30 @@ class StateStore:
                 for w in range(first, end)]
 
     def rows(self, start: int, end: int) -> np.ndarray:
-        """(end - start, hidden) float16 states of rows ``start:end``."""
+        """(end - start, hidden) float16 states of rows ``start:end``, decoded when the store
+        holds codes."""
+        stored = np.asarray(self._states[start:end])
+        if self.codec is None:
+            return stored
+        return self.codec.decode(stored).astype(np.float16)
+
+    def row_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """float16 states of several row ranges; a store of codes decodes them in one call."""
+        if self.codec is None:
+            return [np.asarray(self._states[start:end]) for start, end in ranges]
+        stored = [np.asarray(self._states[start:end]) for start, end in ranges]
+        if not stored:
+            return []
+        decoded = self.codec.decode(np.concatenate(stored)).astype(np.float16)
+        bounds = np.cumsum([len(part) for part in stored])[:-1]
+        return np.split(decoded, bounds)
+
+    def stored_rows_source(self):
+        """The stored rows as one array-like (a memory map when possible), float16 or codes."""
+        return self._states
+
+    def stored_rows(self, start: int, end: int) -> np.ndarray:
+        """Rows ``start:end`` as stored: float16 states or uint8 codes."""
         return np.asarray(self._states[start:end])
 
     def _string(self, name: str, position: int) -> str:

@@ -34,7 +34,10 @@ def tiny_backbone(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_WORDS, *"abcdefghijklmnopqrstuvwxyz"]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # from_pretrained reads vocab.txt in transformers 4 and 5. The constructor's vocab_file
+    # argument is ignored by transformers 5, which then maps every word to [UNK].
+    tokenizer = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True)
+    assert tokenizer.tokenize("cells protein") == ["cells", "protein"]
     tokenizer.save_pretrained(str(folder))
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,

@@ -42,7 +42,9 @@ def test_index_reports_counts_and_size(adi_index):
     manifest = json.loads(result.stdout)
     assert manifest["counts"]["documents"] == 82
     assert manifest["model"]["name"] == "MICE-l3+3"
-    assert manifest["model"]["trained"] is False
+    # Built with the shipped default: trained, recorded by name so it reloads anywhere.
+    assert manifest["model"]["trained"] is True
+    assert manifest["model"]["source"] == "default"
 
 
 @pytest.mark.parametrize(("source", "name"), [
@@ -70,15 +72,24 @@ def test_index_rejects_resume_with_overwrite(tmp_path):
     assert "exclude each other" in result.output
 
 
-def test_search_json_lists_hits_and_untrained_flag(adi_index):
+def test_search_json_lists_hits_and_trained_flag(adi_index):
     result = invoke("search", adi_index, "computer indexing of documents", "-k", "5",
                     "--format", "json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert len(payload["hits"]) == 5
-    assert payload["model_trained"] is False
+    assert payload["model_trained"] is True
     assert payload["system"] == "bm25>mice"
     assert [hit["rank"] for hit in payload["hits"]] == [1, 2, 3, 4, 5]
+    assert "untrained" not in result.stderr
+    assert "blended with BM25" in result.stderr
+
+
+def test_search_with_the_untrained_backbone_head_warns(adi_index):
+    result = invoke("search", adi_index, "computer indexing of documents", "-k", "5",
+                    "--format", "json", "--model", "all-MiniLM-L6-v2")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model_trained"] is False
     assert "untrained" in result.stderr
 
 

