@@ -179,16 +179,29 @@ def _latency(values: dict[str, Any]) -> list[str]:
 
 
 def _indexing(values: dict[str, Any]) -> list[str]:
-    lines = ["### Indexing", "",
-             ("| index | documents | tokens | build | documents/s | tokens/s | bytes "
-             "| bytes/token (index) | bytes/token (states) | peak resident memory |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["### Indexes", "",
+             ("Encoded: every document through the lower layers. Derived: made from another "
+             "index's float16 states without encoding (a dense index, or coded states)."), "",
+             ("| index | made | documents | tokens | seconds | documents/s | tokens/s | bytes "
+              "| bytes/token (index) | bytes/token (states) | peak resident memory |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, index in values["indexes"].items():
         reused = " (reused: not measured in this run)" if index["reused"] else ""
         memory = index.get("memory", {}).get("peak_rss_mib")
-        lines.append(f"| {name}{reused} | {index['documents']:,} | {index['tokens']:,} "
-                     f"| {index['build_seconds']:.1f} s | {index['documents_per_second']:.1f} "
-                     f"| {index['tokens_per_second']:,.0f} | {index['bytes']:,} "
+        if index["kind"] == "encoded":
+            made = "encoded"
+            timing = (f"{index['build_seconds']:.1f} | {index['documents_per_second']:.1f} "
+                      f"| {index['tokens_per_second']:,.0f}")
+        else:
+            made = f"derived from {index['derived_from']}"
+            if index.get("compression") not in (None, "none"):
+                made += f", {index['compression']} codes"
+            if index.get("dense"):
+                made += ", dense index"
+            seconds = index["derive_seconds"]
+            timing = f"{seconds:.1f} | – | –" if seconds is not None else "– | – | –"
+        lines.append(f"| {name}{reused} | {made} | {index['documents']:,} "
+                     f"| {index['tokens']:,} | {timing} | {index['bytes']:,} "
                      f"| {index['bytes_per_token']} | {index['state_bytes_per_token']} "
                      f"| {f'{memory} MiB' if memory else '–'} |")
     base = values["indexes"][values["base_index"]]

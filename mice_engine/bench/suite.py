@@ -67,6 +67,10 @@ MICE_BATCH_SIZE = 128
 CROSS_ENCODER_BATCH_SIZE = 32
 RERANKERS = ("none", "mice", "cross-encoder")
 QUERY_ORDERS = ("first", "random")
+# Keys of a system's index_options: arguments of build_index, then settings of the storage
+# stages (see mice_engine.storage.StorageOptions).
+BUILD_OPTIONS = ("long_documents", "window_stride", "chunk_size")
+STORAGE_OPTIONS = ("keep_float16", "dense_kind", "max_train_vectors", "max_train_mib", "seed")
 SIGNIFICANCE_TESTS = ("paired-t", "randomization")
 DEFAULT_MODEL = "default"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._>+@-]*")
@@ -293,6 +297,10 @@ def _parse_systems(values: dict[str, Any], where: str, suite: Suite) -> list[Sys
                              "positive")
         system.compression = _get(entry, "compression", str, label, default="") or None
         system.index_options = _get(entry, "index_options", dict, label, default={})
+        unknown = sorted(set(system.index_options) - set(BUILD_OPTIONS + STORAGE_OPTIONS))
+        if unknown:
+            raise BenchError(f"{label}: index_options {unknown} are unknown; use "
+                             f"{', '.join(BUILD_OPTIONS + STORAGE_OPTIONS)}")
         system.search_options = _get(entry, "search_options", dict, label, default={})
         model = _get(entry, "model", str, label, default="")
         if system.reranker == "none":
