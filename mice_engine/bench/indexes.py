@@ -107,11 +107,13 @@ class IndexSet:
         manifest = None
         if self.reuse and (path / MANIFEST_FILE).is_file():
             manifest = read_manifest(path)
-            if not (manifest["model"]["sha256"] == model.weights_sha256()
+            # The states depend on the lower layers alone, so a model that differs only in its
+            # interaction layers or head (trained from the same backbone) can reuse them.
+            if not (manifest["model"]["encoder_sha256"] == model.weights_sha256(lower_only=True)
                     and manifest["source"] == _source_description(self.collection.source)
                     and manifest["build"]["batch_size"] == self.batch_size):
-                logger.warning("index %s was built with another model, source or batch size; "
-                               "rebuilding it", path)
+                logger.warning("index %s was built with other lower layers, source or batch "
+                               "size; rebuilding it", path)
                 manifest = None
         reused = manifest is not None
         if not reused:
@@ -152,7 +154,7 @@ class IndexSet:
         if "codec" in key:
             settings = dict(key["codec"])
             compression = settings.pop("compression")
-            # The source holds the dense index when the chain has one; derive_index copies it.
+            # The source contains the dense index when the chain has one; derive_index copies it.
             dense = None if "dense" in key else False
         else:
             settings, compression, dense = dict(key["dense"]), "float16", True

@@ -33,8 +33,8 @@ class BenchOptions:
     output: Path
     index_dir: Path
     device: str | None = None
-    # Reuse a complete index of the same source and model instead of building it. Its indexing
-    # figures then come from its manifest, so they were not measured in this run.
+    # Reuse a complete index of the same source and lower layers instead of building it. Its
+    # indexing figures then come from its manifest, so they were not measured in this run.
     reuse_indexes: bool = False
     overwrite: bool = False
     show_progress: bool = True
@@ -260,8 +260,10 @@ class _CollectionRun:
         return index_chain(self.suite.index_model, system)
 
     def _searcher(self, index_name: str, batch_size: int):
-        """A searcher over an open index, with the model that built it. Searchers share the
-        open index, so closing one would close it for all: the index set closes them."""
+        """Return a searcher over an open index, with the model that built it.
+
+        Searchers share the open index, so closing one would close it for all. The index set
+        closes them instead."""
         from ..search import Searcher
 
         key = self.indexes.records[index_name]["key"]
