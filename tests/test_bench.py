@@ -234,6 +234,15 @@ def test_suite_overrides(tmp_path):
         parse_suite(suite_with(), sources={"vaswani": "irds:vaswani"})
 
 
+def test_system_selection_keeps_suite_order():
+    values = suite_with()
+    values["systems"].append({"name": "bm25>ce", "reranker": "cross-encoder"})
+    suite = parse_suite(values, systems=["bm25>ce", "bm25"])
+    assert [system.name for system in suite.systems] == ["bm25", "bm25>ce"]
+    with pytest.raises(BenchError, match=r"no system named \['colbert'\]"):
+        parse_suite(values, systems=["colbert"])
+
+
 def test_max_queries_keeps_smaller_system_limits():
     values = suite_with(system_max_queries=3)
     suite = parse_suite(values, max_queries=10)

@@ -164,7 +164,8 @@ _TOP_KEYS = {"name", "description", "seed", "query_order", "depth", "metrics", "
 
 
 def load_suite(path: str | Path, *, models: dict[str, str] | None = None,
-               sources: dict[str, str] | None = None, max_queries: int | None = None) -> Suite:
+               sources: dict[str, str] | None = None, max_queries: int | None = None,
+               systems: list[str] | None = None) -> Suite:
     """Read and check a suite file.
 
     Args:
@@ -173,6 +174,7 @@ def load_suite(path: str | Path, *, models: dict[str, str] | None = None,
         sources: ``{collection name: source}`` that replace collection sources.
         max_queries: a cap on every system's number of queries and on the queries of the
             interaction micro-benchmark (0 or None: no cap).
+        systems: names of the systems to run, in the suite's order (None: all of them).
 
     Raises:
         BenchError: the file is missing or invalid; the message names the key and the fix.
@@ -187,12 +189,12 @@ def load_suite(path: str | Path, *, models: dict[str, str] | None = None,
     except tomllib.TOMLDecodeError as error:
         raise BenchError(f"suite file {path} is not valid TOML: {error}") from None
     return parse_suite(values, path=path, text=text, models=models, sources=sources,
-                       max_queries=max_queries)
+                       max_queries=max_queries, systems=systems)
 
 
 def parse_suite(values: dict[str, Any], *, path: Path | None = None, text: str = "",
                 models: dict[str, str] | None = None, sources: dict[str, str] | None = None,
-                max_queries: int | None = None) -> Suite:
+                max_queries: int | None = None, systems: list[str] | None = None) -> Suite:
     """Build a :class:`Suite` from parsed TOML ``values``; see :func:`load_suite`."""
     where = f"suite {path}" if path else "suite"
     _reject_unknown(values, _TOP_KEYS, where)
@@ -226,6 +228,12 @@ def parse_suite(values: dict[str, Any], *, path: Path | None = None, text: str =
 
     suite.collections = _parse_collections(values, where, base, sources or {})
     suite.systems = _parse_systems(values, where, suite)
+    if systems:
+        unknown = sorted(set(systems) - {system.name for system in suite.systems})
+        if unknown:
+            raise BenchError(f"{where}: no system named {unknown}; the suite has "
+                             f"{[system.name for system in suite.systems]}")
+        suite.systems = [system for system in suite.systems if system.name in systems]
     if max_queries:
         if max_queries < 0:
             raise BenchError(f"max_queries must be positive, got {max_queries}")
