@@ -665,9 +665,10 @@ def bench(
     max_queries: Annotated[int | None, typer.Option(min=1, help="Run every system, and the interaction micro-benchmark, on at most this many queries (the first of the suite's query order); for quick checks.")] = None,
     model: Annotated[list[str] | None, typer.Option(help="Replace a model of the suite's models table, as KEY=SPEC (SPEC: default, a model folder, a backbone); repeatable.")] = None,
     collection: Annotated[list[str] | None, typer.Option(help="Replace a collection's source, as NAME=SOURCE; repeatable.")] = None,
+    system: Annotated[list[str] | None, typer.Option(help="Run only this system of the suite (the others are left out of the record); repeatable.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto.")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="PyTorch CPU threads for the whole run (default: PyTorch's choice, one per core).")] = None,
-    reuse_indexes: Annotated[bool, typer.Option("--reuse-indexes", help="Reuse complete indexes of the same source and model from an earlier run; their indexing figures are then not measured in this run.")] = False,
+    reuse_indexes: Annotated[bool, typer.Option("--reuse-indexes", help="Reuse complete indexes of the same source and lower layers from an earlier run; their indexing figures are then not measured in this run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of an earlier run in the output folder.")] = False,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Draw the PNG plots (needs matplotlib).")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no informational logs.")] = False,
@@ -680,7 +681,7 @@ def bench(
     try:
         suite = load_suite(suite_file, models=_assignments(model, "--model"),
                            sources=_assignments(collection, "--collection"),
-                           max_queries=max_queries)
+                           max_queries=max_queries, systems=system)
         options = BenchOptions(
             output=output or Path("benchmarks") / "results" / suite.name, index_dir=index_dir,
             device=device, reuse_indexes=reuse_indexes, overwrite=overwrite,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -89,26 +90,43 @@ def pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | 
     return ids.to(device), mask.to(device)
 
 
+@dataclass
+class ForwardTimer:
+    """Seconds spent in the lower layers' forward passes alone, summed over calls."""
+
+    seconds: float = 0.0
+
+
 @torch.inference_mode()
 def encode_sequences(
     model: MiceModel,
     sequences: Sequence[Sequence[int]],
     batch_size: int = 32,
     on_batch: Callable[[int, int], None] | None = None,
+    timer: ForwardTimer | None = None,
 ) -> list[np.ndarray]:
     """Run the lower layers on token id lists and return float16 states, one (length, hidden)
     array per sequence, in input order.
 
     Sequences are encoded in batches sorted by length, so that a batch pads little.
     ``on_batch`` is called with the number of sequences and of tokens after each batch.
+    ``timer``, when given, accumulates the time of the forward passes alone, without padding,
+    conversion and copies.
     """
     pad_id = model.tokenizer.pad_token_id or 0
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
     states: list[np.ndarray | None] = [None] * len(sequences)
+    on_gpu = model.device.type == "cuda"
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         ids, mask = pad([sequences[i] for i in rows], pad_id, model.device)
-        hidden = model.encode(ids, mask).to(torch.float16).cpu().numpy()
+        tick = time.perf_counter()
+        hidden = model.encode(ids, mask)
+        if timer is not None:
+            if on_gpu:
+                torch.cuda.synchronize(model.device)
+            timer.seconds += time.perf_counter() - tick
+        hidden = hidden.to(torch.float16).cpu().numpy()
         for position, i in enumerate(rows):
             states[i] = hidden[position, : len(sequences[i])]
         if on_batch is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .encoding import encode_sequences, tokenize, tokenize_windows
+from .encoding import ForwardTimer, encode_sequences, tokenize, tokenize_windows
 from .first_stage import BM25_DIR, BM25FirstStage
 from .model import MiceModel, load_model
 from .sources import Document, SourceError, open_documents
@@ -352,6 +352,7 @@ def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict
     encoded_documents = encoded_tokens = 0
     started = time.perf_counter()
     encode_seconds = 0.0
+    forward = ForwardTimer()
     initial = min(len(committed) * chunk_size, total) if total else len(committed) * chunk_size
     progress = _progress(total, initial, show_progress)
     position = 0  # documents read from the source, duplicates included
@@ -393,7 +394,7 @@ def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict
             texts = [document.full_text() for document in kept]
             tick = time.perf_counter()
             states, window_lengths, statistics = _encode_chunk(
-                model, texts, batch_size, window_stride, progress)
+                model, texts, batch_size, window_stride, progress, forward)
             encode_seconds += time.perf_counter() - tick
             _check_finite(states, kept)
             statistics["empty_documents"] = sum(1 for text in texts if not text)
@@ -471,6 +472,11 @@ def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict
             if encode_seconds else None,
             "tokens_per_second": round(encoded_tokens / encode_seconds, 1)
             if encode_seconds else None,
+            # The lower layers' forward passes alone, inside encoding: the rest of the build
+            # (tokenising, converting, writing, merging, BM25) is seconds - forward_seconds.
+            "forward_seconds": round(forward.seconds, 3),
+            "forward_tokens_per_second": round(encoded_tokens / forward.seconds, 1)
+            if forward.seconds else None,
             "resumed_after_shards": len(committed),
             "hostname": platform.node(),
             "processor": platform.processor() or platform.machine(),
@@ -492,7 +498,7 @@ def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict
 
 
 def _encode_chunk(model: MiceModel, texts: list[str], batch_size: int,
-                  window_stride: int | None, progress: _progress):
+                  window_stride: int | None, progress: _progress, timer: ForwardTimer):
     """Encode a chunk's texts; returns (states per text, window lengths per text or None,
     statistics)."""
     import numpy as np
@@ -500,12 +506,12 @@ def _encode_chunk(model: MiceModel, texts: list[str], batch_size: int,
     max_length = model.config.doc_max_length
     if window_stride is None:
         tokens = tokenize(model.tokenizer, texts, max_length)
-        states = encode_sequences(model, tokens.input_ids, batch_size, progress.update)
+        states = encode_sequences(model, tokens.input_ids, batch_size, progress.update, timer)
         return states, None, {"truncated_documents": tokens.truncated, "split_documents": 0}
     windows = tokenize_windows(model.tokenizer, texts, max_length, window_stride)
     # Batches count windows, not documents: the bar moves by documents once the chunk is done.
     flat = encode_sequences(model, windows.input_ids, batch_size,
-                            lambda count, tokens: progress.update(0, tokens))
+                            lambda count, tokens: progress.update(0, tokens), timer)
     progress.update(len(texts), 0)
     states, window_lengths, start = [], [], 0
     for count in windows.windows_per_text:

@@ -182,8 +182,9 @@ class _Attention(nn.Module):
 
     def forward_groups(self, queries: torch.Tensor, groups: list[StateGroup],
                        folded: list[bool]) -> torch.Tensor:
-        """Attend from ``queries`` (1 or B rows) to the documents of ``groups``, group by group,
-        with the folded path where ``folded`` says so; returns (B, Lq, H).
+        """Attend from ``queries`` (1 or B rows) to the documents of ``groups``, group by group.
+
+        A group takes the folded path where ``folded`` is true. Returns (B, Lq, H).
 
         Only the attention itself runs per group. The query projections and the output block
         run once over every document, which keeps the number of operations low.
@@ -305,8 +306,9 @@ class InteractionLayer(nn.Module):
 
     def forward_groups(self, hidden: torch.Tensor, self_bias: torch.Tensor,
                        groups: list[StateGroup], folded: list[bool]) -> torch.Tensor:
-        """Apply the layer with the documents given as length groups (see :class:`StateGroup`),
-        each read on the folded path or not as ``folded`` says; returns (B, Lq, H)."""
+        """Apply the layer to documents given as length groups (see :class:`StateGroup`).
+
+        A group takes the folded path where ``folded`` is true. Returns (B, Lq, H)."""
         attended = self.attention(hidden, hidden, self_bias)
         tokens = self.crossattention.forward_groups(attended[:, 1:], groups, folded)
         tokens = self.feed_forward(tokens)
@@ -481,8 +483,8 @@ class MiceModel(nn.Module):
 
     def _fold_cross_attention(self, query_rows: int, doc_tokens: int,
                               shared_query: bool = False) -> bool:
-        """Whether cross-attention of ``query_rows`` rows over ``doc_tokens`` stored tokens per
-        document takes the folded path.
+        """Return whether cross-attention of ``query_rows`` rows over ``doc_tokens`` stored
+        tokens per document takes the folded path.
 
         In "auto" mode the path with fewer multiply-adds per document wins. Projected costs
         ``2 * hidden * (hidden + rows)`` per stored token. Folded costs

@@ -13,7 +13,7 @@ from conftest import REPO, shared_collection
 from typer.testing import CliRunner
 
 from cli.main import app
-from mice_engine.bench import BenchError, check_capabilities, load_suite
+from mice_engine.bench import BenchError, check_suite, load_suite
 from mice_engine.bench.stats import (
     paired_t_test,
     percentiles_ms,
@@ -234,6 +234,15 @@ def test_suite_overrides(tmp_path):
         parse_suite(suite_with(), sources={"vaswani": "irds:vaswani"})
 
 
+def test_system_selection_keeps_suite_order():
+    values = suite_with()
+    values["systems"].append({"name": "bm25>ce", "reranker": "cross-encoder"})
+    suite = parse_suite(values, systems=["bm25>ce", "bm25"])
+    assert [system.name for system in suite.systems] == ["bm25", "bm25>ce"]
+    with pytest.raises(BenchError, match=r"no system named \['colbert'\]"):
+        parse_suite(values, systems=["colbert"])
+
+
 def test_max_queries_keeps_smaller_system_limits():
     values = suite_with(system_max_queries=3)
     suite = parse_suite(values, max_queries=10)
@@ -260,38 +269,37 @@ def test_relative_paths_resolve_against_suite_folder(tmp_path):
     assert suite.collections[0].source == str(data.resolve())
 
 
-def test_capabilities_name_missing_features():
-    import inspect
-
-    from mice_engine.indexing import build_index
-    from mice_engine.search import Searcher
-
-    suite = parse_suite(suite_with(system_compression="int8"))
-    suite.efficiency.interaction_queries = 0
-    if "compression" in inspect.signature(build_index).parameters:
-        check_capabilities(suite, plots=False)
-    else:
-        with pytest.raises(BenchError, match="asks for compression 'int8'"):
-            check_capabilities(suite, plots=False)
-
-    suite = parse_suite(suite_with(system_first_stage="dense"))
-    suite.efficiency.interaction_queries = 0
-    if "first_stage" in inspect.signature(Searcher.search).parameters:
-        check_capabilities(suite, plots=False)
-    else:
-        with pytest.raises(BenchError, match="asks for the dense first stage"):
-            check_capabilities(suite, plots=False)
+def test_suite_rejects_unknown_index_options():
+    with pytest.raises(BenchError, match=r"index_options \['shards'\] are unknown"):
+        parse_suite(suite_with(system_index_options={"shards": 3}))
 
 
-def test_capabilities_reject_unknown_options():
+def test_check_suite_rejects_unknown_search_options():
     suite = parse_suite(suite_with(system_search_options={"beam": 3}))
-    suite.efficiency.interaction_queries = 0
-    with pytest.raises(BenchError, match="search_options"):
-        check_capabilities(suite, plots=False)
-    suite = parse_suite(suite_with(system_index_options={"shards": 3}))
-    suite.efficiency.interaction_queries = 0
-    with pytest.raises(BenchError, match="index_options"):
-        check_capabilities(suite, plots=False)
+    with pytest.raises(BenchError, match=r"search_options \['beam'\] are invalid"):
+        check_suite(suite, plots=False)
+    suite = parse_suite(suite_with(system_search_options={"first_stage": "dense"}))
+    with pytest.raises(BenchError, match="the system's own keys"):
+        check_suite(suite, plots=False)
+    check_suite(parse_suite(suite_with(system_search_options={"nprobe": 4})), plots=False)
+
+
+def test_index_chain_shares_steps():
+    from mice_engine.bench.indexes import index_chain, index_name
+
+    suite = parse_suite(suite_with())
+    plain, mice = suite.systems
+    compressed = parse_suite(suite_with(system_compression="int8")).systems[1]
+    hybrid = parse_suite(suite_with(system_first_stage="hybrid",
+                                    system_compression="ivfpq8")).systems[1]
+    assert index_chain("mice", plain) == index_chain("mice", mice) == index_chain("mice")
+    assert index_chain("mice", compressed)[:-1] == index_chain("mice")
+    chain = index_chain("mice", hybrid)
+    assert [sorted(key) for key in chain] == [["build", "model"], ["build", "dense", "model"],
+                                              ["build", "codec", "dense", "model"]]
+    names = [index_name("adi", key) for key in chain]
+    assert len(set(names)) == 3
+    assert names[2].startswith("adi-mice-dense-ivfpq8-")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,11 +350,10 @@ def test_mice_flops_match_flop_counter(tiny_backbone, mode, query_length, intera
 
 
 def test_cross_encoder_flops_match_flop_counter(tiny_backbone):
-    pytest.importorskip("mice_engine.cross_encoder")
     import torch
-    from mice_engine.cross_encoder import CrossEncoderModel
 
     from mice_engine.bench.flops import cross_encoder_flops
+    from mice_engine.cross_encoder import CrossEncoderModel
 
     model = CrossEncoderModel.from_backbone(tiny_backbone, seed=3)
     cls_id, sep_id = model.tokenizer.cls_token_id, model.tokenizer.sep_token_id
@@ -386,7 +393,6 @@ def adi_slice(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def smoke(tiny_mice, adi_slice, tmp_path_factory):
     """Run the committed smoke suite through `mice bench` with tiny models on the ADI slice."""
-    pytest.importorskip("mice_engine.cross_encoder")
     folder = tmp_path_factory.mktemp("smoke")
     model_folder = tiny_mice.save(folder / "tiny-mice")
     output = folder / "results"
@@ -438,7 +444,7 @@ def test_smoke_rerankers_keep_bm25_recall(smoke):
     record, _, _ = smoke
     systems = record["collections"]["adi"]["systems"]
     bm25 = systems["bm25"]["per_query"]["R@100"]
-    for name in ("bm25>mice", "bm25>ce"):
+    for name in ("bm25>mice", "bm25>mice-int8", "bm25>ce"):
         for query_id, value in systems[name]["per_query"]["R@100"].items():
             assert value == bm25[query_id], (name, query_id)
 
@@ -475,17 +481,43 @@ def test_smoke_index_sizes_are_consistent(smoke):
 
     record, _, _ = smoke
     collection = record["collections"]["adi"]
+    for name, index in collection["indexes"].items():
+        assert index["measured_in_this_run"], name
+        assert index["documents"] == SLICE_DOCUMENTS, name
+        assert index["bytes"] == folder_bytes(Path(index["path"])), name
+        assert index["bytes_per_token"] == pytest.approx(index["bytes"] / index["tokens"],
+                                                         abs=0.01), name
     index = collection["indexes"][collection["base_index"]]
-    assert index["measured_in_this_run"]
-    assert index["documents"] == SLICE_DOCUMENTS
-    assert index["bytes"] == folder_bytes(Path(index["path"]))
-    assert index["bytes_per_token"] == pytest.approx(index["bytes"] / index["tokens"], abs=0.01)
+    assert index["kind"] == "encoded"
     assert index["state_bytes_per_token"] == 2 * 32  # float16, hidden size 32
     assert index["bytes"] > index["states_file_bytes"] > index["tokens"] * 64
+    assert index["dense"] is None
     systems = collection["systems"]
     assert systems["bm25>mice"]["index_bytes"] == index["bytes"]
     assert systems["bm25"]["index_bytes"] == index["bm25_bytes"]
     assert systems["bm25>ce"]["index_bytes"] == index["bm25_bytes"] + index["text_bytes"]
+
+
+def test_smoke_derived_indexes(smoke):
+    record, _, _ = smoke
+    collection = record["collections"]["adi"]
+    indexes, systems = collection["indexes"], collection["systems"]
+    base = collection["base_index"]
+    assert len(indexes) == 3
+    compressed = indexes[systems["bm25>mice-int8"]["index"]]
+    assert compressed["kind"] == "derived"
+    assert compressed["derived_from"] == base
+    assert compressed["compression"] == "int8"
+    assert compressed["state_bytes_per_token"] == 32  # one byte per dimension
+    assert compressed["codec"]["reconstruction"]
+    assert compressed["derive_seconds"] > 0
+    assert systems["dense>mice"]["index"] == systems["hybrid>mice"]["index"]
+    dense = indexes[systems["dense>mice"]["index"]]
+    assert dense["derived_from"] == base
+    assert dense["dense"] is not None
+    assert dense["dense_bytes"] > 0
+    assert dense["state_bytes_per_token"] == 64
+    assert systems["dense>mice"]["index_bytes"] == dense["bytes"]
 
 
 def test_smoke_efficiency_probes_are_recorded(smoke):
@@ -499,6 +531,9 @@ def test_smoke_efficiency_probes_are_recorded(smoke):
         assert bare[when]["tokens_per_second"] > 0
     assert bare["indexing_fraction"] == pytest.approx(
         index["tokens_per_second"] / bare["tokens_per_second"], rel=1e-3)
+    assert 0 < index["forward_seconds"] < index["encode_seconds"] <= index["build_seconds"]
+    assert bare["indexing_fraction_in_build"] == pytest.approx(
+        index["forward_seconds"] / index["build_seconds"], rel=1e-3)
     assert index["memory"]["peak_rss_mib"] > 0
     for when in ("start", "end"):
         assert record["matmul"][when]["best_gflops"] > 0
@@ -587,6 +622,20 @@ def test_bench_refuses_existing_results(smoke):
     result = runner.invoke(app, ["bench", str(SMOKE), "--output", str(output), "--no-plots"])
     assert result.exit_code == 2
     assert "already contains benchmark results; pass --overwrite" in result.output
+
+
+def test_bench_rejects_invalid_codec_before_writing(tiny_mice, tmp_path):
+    model_folder = tiny_mice.save(tmp_path / "model")
+    suite = tmp_path / "codec.toml"
+    suite.write_text('name = "codec"\n[[collections]]\nname = "adi"\nsource = "irds:adi"\n'
+                     '[[systems]]\nname = "pq"\nreranker = "mice"\ncompression = "ivfpq7"\n')
+    output = tmp_path / "results"
+    result = runner.invoke(app, ["bench", str(suite), "--output", str(output),
+                                 "--model", f"mice={model_folder}", "--no-plots"])
+    assert result.exit_code == 2
+    assert "system 'pq'" in result.output
+    assert "ivfpq7" in result.output
+    assert not output.exists()
 
 
 def test_bench_reports_invalid_arguments(tmp_path):

@@ -5,7 +5,7 @@
 hardware, library versions, git commit and seed; ``report.md``; PNG plots; TREC runs.
 """
 
-from .runner import BenchOptions, check_capabilities, run_suite
+from .runner import BenchOptions, check_suite, run_suite
 from .suite import BenchError, Suite, load_suite
 
-__all__ = ["BenchError", "BenchOptions", "Suite", "check_capabilities", "load_suite", "run_suite"]
+__all__ = ["BenchError", "BenchOptions", "Suite", "check_suite", "load_suite", "run_suite"]

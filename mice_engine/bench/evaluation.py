@@ -74,14 +74,17 @@ def significance(system: dict[str, Any], reference: dict[str, Any], reference_na
 
 def compare_subsets(systems: dict[str, dict[str, Any]], ordered_ids: Sequence[str],
                     metrics: Sequence[str]) -> list[dict[str, Any]]:
-    """For each smaller query set that a system ran, every system's metrics on that set.
+    """For each query set that a system ran and some other system ran more of, every system's
+    metrics on that set.
 
     Every system's queries are the first N of ``ordered_ids``, so the set of a smaller N lies
     inside the set of every larger one, and systems that ran more queries are scored again on
     the smaller set alone.
     """
+    largest = max(record["query_count"] for record in systems.values())
+    # A set that every system ran adds nothing to the main table.
     sizes = sorted({record["query_count"] for record in systems.values()
-                    if record["query_count"] < len(ordered_ids)})
+                    if record["query_count"] < largest})
     subsets = []
     for size in sizes:
         subset = list(ordered_ids[:size])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -14,8 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from .. import __version__
 from .suite import DEFAULT_MODEL, BenchError, CollectionSpec, Suite, SystemSpec
@@ -36,8 +33,8 @@ class BenchOptions:
     output: Path
     index_dir: Path
     device: str | None = None
-    # Reuse a complete index of the same source and model instead of building it. Its indexing
-    # figures then come from its manifest, so they were not measured in this run.
+    # Reuse a complete index of the same source and lower layers instead of building it. Its
+    # indexing figures then come from its manifest, so they were not measured in this run.
     reuse_indexes: bool = False
     overwrite: bool = False
     show_progress: bool = True
@@ -60,16 +57,19 @@ def run_suite(suite: Suite, options: BenchOptions) -> dict[str, Any]:
         BenchError: the suite requests a feature this engine lacks, or the output folder
             cannot be written.
     """
-    check_capabilities(suite, plots=options.plots)
-    output = _prepare_output(Path(options.output), options.overwrite)
     from ..indexing import library_versions, resolve_device
     from .probes import git_state, hardware, load_average, matmul_rate
 
+    check_suite(suite, plots=options.plots)
+    _check_output(Path(options.output), options.overwrite)
     device = resolve_device(options.device)
     if options.threads:
         import torch
 
         torch.set_num_threads(options.threads)
+    models = _Models(suite, device)
+    _check_codecs(suite, models)
+    output = _prepare_output(Path(options.output), options.overwrite)
     started = time.perf_counter()
     record: dict[str, Any] = {
         "format": RECORD_FORMAT,
@@ -89,7 +89,6 @@ def run_suite(suite: Suite, options: BenchOptions) -> dict[str, Any]:
         "models": {},
         "collections": {},
     }
-    models = _Models(suite, device)
     for collection in suite.collections:
         logger.info("collection %s: %s", collection.name, collection.source)
         runner = _CollectionRun(suite, collection, models, options, device, output)
@@ -113,43 +112,23 @@ def run_suite(suite: Suite, options: BenchOptions) -> dict[str, Any]:
     return record
 
 
-def check_capabilities(suite: Suite, *, plots: bool = True) -> None:
-    """Raise a :class:`BenchError` when the suite needs a feature this build of mice-engine
-    lacks, before anything runs."""
-    from ..indexing import build_index
+# Arguments of Searcher.search that the systems' own settings fill in.
+_RESERVED_SEARCH_OPTIONS = {"self", "query", "k", "candidates", "first_stage_only", "with_text",
+                            "first_stage"}
+
+
+def check_suite(suite: Suite, *, plots: bool = True) -> None:
+    """Raise a :class:`BenchError` for settings that would fail only once the suite runs:
+    search options that Searcher.search does not take, and plots without matplotlib."""
     from ..search import Searcher
 
-    index_parameters = set(inspect.signature(build_index).parameters)
-    search_parameters = set(inspect.signature(Searcher.search).parameters)
+    allowed = set(inspect.signature(Searcher.search).parameters) - _RESERVED_SEARCH_OPTIONS
     for system in suite.systems:
-        label = f"system {system.name!r}"
-        if system.compression and "compression" not in index_parameters:
-            raise BenchError(f"{label} asks for compression {system.compression!r}, but this "
-                             "version of mice-engine stores float16 states only; remove "
-                             "compression from the suite or update mice-engine")
-        if system.first_stage != "bm25" and "first_stage" not in search_parameters:
-            raise BenchError(f"{label} asks for the {system.first_stage} first stage, but this "
-                             "version of mice-engine has only BM25; set first_stage = \"bm25\" "
-                             "or update mice-engine")
-        unknown = set(system.index_options) - index_parameters
+        unknown = set(system.search_options) - allowed
         if unknown:
-            raise BenchError(f"{label}: index_options {sorted(unknown)} are not parameters of "
-                             f"build_index ({', '.join(sorted(index_parameters))})")
-        unknown = set(system.search_options) - search_parameters
-        if unknown or {"k", "candidates", "query"} & set(system.search_options):
-            raise BenchError(f"{label}: search_options {sorted(system.search_options)} must be "
-                             "parameters of Searcher.search other than query, k and candidates "
-                             f"({', '.join(sorted(search_parameters - {'self', 'query'}))})")
-    needs_cross_encoder = any(system.reranker == "cross-encoder" for system in suite.systems)
-    if needs_cross_encoder or suite.efficiency.interaction_queries:
-        try:
-            from .. import cross_encoder  # noqa: F401
-        except ImportError:
-            raise BenchError(
-                "this suite needs the full cross-encoder (a cross-encoder system or the "
-                "interaction micro-benchmark), but mice_engine.cross_encoder is not available; "
-                "remove those systems and set efficiency.interaction_queries = 0"
-            ) from None
+            raise BenchError(f"system {system.name!r}: search_options {sorted(unknown)} are "
+                             f"invalid; use {', '.join(sorted(allowed))} (first_stage, k and "
+                             "candidates are the system's own keys)")
     if plots:
         try:
             import matplotlib  # noqa: F401
@@ -158,7 +137,21 @@ def check_capabilities(suite: Suite, *, plots: bool = True) -> None:
                              "`pip install mice-engine[bench]`, or pass --no-plots") from None
 
 
-def _prepare_output(output: Path, overwrite: bool) -> Path:
+def _check_codecs(suite: Suite, models: _Models) -> None:
+    """Raise a :class:`BenchError` for a compression that the system's model cannot use."""
+    from ..compression import parse_codec_name
+
+    for system in suite.systems:
+        if system.compression:
+            hidden_size = models.mice(system.model).hidden_size
+            try:
+                parse_codec_name(system.compression, hidden_size)
+            except ValueError as error:
+                raise BenchError(f"system {system.name!r}: {error}") from None
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    """Raise unless ``output`` may receive the results; writes nothing."""
     if output.exists() and not output.is_dir():
         raise BenchError(f"{output} exists and is not a folder; choose another --output")
     if output.is_dir() and any(output.iterdir()):
@@ -168,6 +161,11 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
         if not overwrite:
             raise BenchError(f"{output} already contains benchmark results; pass --overwrite to "
                              "replace them or choose another --output")
+
+
+def _prepare_output(output: Path, overwrite: bool) -> Path:
+    _check_output(output, overwrite)
+    if output.is_dir() and any(output.iterdir()):
         shutil.rmtree(output)
     (output / "runs").mkdir(parents=True, exist_ok=True)
     return output
@@ -232,20 +230,6 @@ class _Models:
         return described
 
 
-def _index_key(model_key: str, system: SystemSpec | None) -> dict[str, Any]:
-    options = dict(system.index_options) if system else {}
-    if system and system.compression:
-        options["compression"] = system.compression
-    return {"model": model_key, "options": options}
-
-
-def _index_name(collection: str, key: dict[str, Any]) -> str:
-    text = json.dumps(key, sort_keys=True)
-    slug = "".join(character if character.isalnum() or character in "._-" else "-"
-                   for character in key["model"])
-    return f"{collection}-{slug}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-
-
 class _CollectionRun:
     """One collection of a suite: its indexes, its systems and its probes."""
 
@@ -257,21 +241,33 @@ class _CollectionRun:
         self.options = options
         self.device = device
         self.output = output
-        self.indexes: dict[str, dict[str, Any]] = {}
-        # Open indexes, shared by the searchers of every system that reads them.
-        self.opened: dict[str, Any] = {}
+        from .indexes import IndexSet
+
+        self.indexes = IndexSet(suite_name=suite.name, collection=collection, models=models,
+                                index_dir=options.index_dir, device=device,
+                                batch_size=suite.batch_size, reuse=options.reuse_indexes,
+                                show_progress=options.show_progress)
 
     def close(self) -> None:
-        for index in self.opened.values():
-            index.close()
-        self.opened.clear()
+        self.indexes.close()
+
+    def _chain(self, system: SystemSpec | None) -> list[dict[str, Any]]:
+        """Index keys of a system: its MICE model's indexes, or the suite's index model's."""
+        from .indexes import index_chain
+
+        if system is not None and system.reranker == "mice":
+            return index_chain(system.model, system)
+        return index_chain(self.suite.index_model, system)
 
     def _searcher(self, index_name: str, batch_size: int):
-        """A searcher over an open index, with the model that built it."""
+        """Return a searcher over an open index, with the model that built it.
+
+        Searchers share the open index, so closing one would close it for all. The index set
+        closes them instead."""
         from ..search import Searcher
 
-        key = self.indexes[index_name]["key"]
-        return Searcher(self.opened[index_name], model=self.models.mice(key["model"]),
+        key = self.indexes.records[index_name]["key"]
+        return Searcher(self.indexes.opened[index_name], model=self.models.mice(key["model"]),
                         device=self.device, batch_size=batch_size)
 
     def run(self) -> dict[str, Any]:
@@ -283,17 +279,15 @@ class _CollectionRun:
         result: dict[str, Any] = {"source": collection.source, "split": collection.split,
                                   "documents_source": documents.description, **query_record}
 
-        base_key = _index_key(suite.index_model, None)
         base_model = self.models.mice(suite.index_model)
         bare_before = self._bare_forward(base_model, "before indexing")
-        for key in [base_key, *[_index_key(system.model, system) for system in suite.systems
-                                if system.uses_index_states]]:
-            self._index(key)
+        base_name = self.indexes.ensure(self._chain(None))
         bare_after = self._bare_forward(base_model, "after indexing")
-        base_name = _index_name(collection.name, base_key)
-        self.indexes[base_name]["bare_forward"] = _bare_summary(
-            bare_before, bare_after, self.indexes[base_name])
-        result["indexes"] = self.indexes
+        for system in suite.systems:
+            self.indexes.ensure(self._chain(system))
+        base = self.indexes.records[base_name]
+        base["bare_forward"] = _bare_summary(bare_before, bare_after, base)
+        result["indexes"] = self.indexes.records
         result["base_index"] = base_name
 
         from .evaluation import compare_subsets, significance
@@ -339,62 +333,6 @@ class _CollectionRun:
             "judged_without_text": len(without_text), "query_order": self.suite.query_order,
         }
 
-    def _index(self, key: dict[str, Any]) -> None:
-        from ..indexing import MANIFEST_FILE, build_index, read_manifest
-        from ..search import Index
-        from .probes import PeakMemory, folder_bytes
-
-        name = _index_name(self.collection.name, key)
-        if name in self.indexes:
-            return
-        path = Path(self.options.index_dir) / self.suite.name / name
-        model = self.models.mice(key["model"])
-        reused = False
-        memory = PeakMemory(self.device)
-        if self.options.reuse_indexes and (path / MANIFEST_FILE).is_file():
-            manifest = read_manifest(path)
-            reused = (manifest["model"]["sha256"] == model.weights_sha256()
-                      and manifest["source"] == _source_description(self.collection.source)
-                      and manifest["build"]["batch_size"] == self.suite.batch_size)
-            if not reused:
-                logger.warning("index %s was built with another model, source or batch size; "
-                               "rebuilding it", path)
-        if not reused:
-            logger.info("indexing %s into %s", self.collection.name, path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            mode = "overwrite" if path.exists() and any(path.iterdir()) else "create"
-            with memory:
-                manifest = build_index(self.collection.source, path, model=model,
-                                       batch_size=self.suite.batch_size, device=self.device,
-                                       mode=mode, show_progress=self.options.show_progress,
-                                       **key["options"])
-        tokens = manifest["counts"]["tokens"]
-        build = manifest["build"]
-        index_bytes = folder_bytes(path)
-        self.indexes[name] = {
-            "path": str(path), "key": key, "reused": reused,
-            "measured_in_this_run": not reused,
-            "documents": manifest["counts"]["documents"], "tokens": tokens,
-            "truncated_documents": manifest["counts"]["truncated_documents"],
-            "build_seconds": build["seconds"], "encode_seconds": build["encode_seconds"],
-            "documents_per_second": round(manifest["counts"]["documents"] / build["seconds"], 2),
-            "tokens_per_second": round(tokens / build["seconds"], 1),
-            "encode_documents_per_second": build["documents_per_second"],
-            "encode_tokens_per_second": build["tokens_per_second"],
-            "batch_size": build["batch_size"],
-            "bytes": index_bytes,
-            "bytes_per_token": round(index_bytes / tokens, 2),
-            "state_bytes_per_token": manifest["states"]["bytes_per_token"],
-            "states_file_bytes": manifest["states"]["bytes"],
-            "compression": manifest["states"].get("compression"),
-            "bm25_bytes": folder_bytes(path / "bm25"),
-            "text_bytes": _text_bytes(path / manifest["states"]["file"]),
-            "model_sha256": manifest["model"]["sha256"],
-            "states_sha256": manifest["states"]["sha256"],
-            **({} if reused else {"memory": memory.record()}),
-        }
-        self.opened[name] = Index(path)
-
     def _bare_forward(self, model: Any, label: str) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
@@ -416,13 +354,10 @@ class _CollectionRun:
 
         from ..evaluation import write_trec_run
         from .evaluation import evaluate_system
+        from .indexes import system_index_bytes
         from .systems import run_system
 
-        if system.uses_index_states:
-            index_name = _index_name(self.collection.name, _index_key(system.model, system))
-        else:
-            index_name = _index_name(self.collection.name, _index_key(self.suite.index_model,
-                                                                     None))
+        index_name = self.indexes.ensure(self._chain(system))
         batch_size = system.reranker_batch_size
         searcher = self._searcher(index_name, batch_size)
         cross_encoder = None
@@ -438,14 +373,7 @@ class _CollectionRun:
         slug = "".join(c if c.isalnum() or c in "._-" else "-" for c in system.name)
         run_file = self.output / "runs" / f"{self.collection.name}.{slug}.trec"
         write_trec_run(run_file, outcome.run, slug)
-        index = self.indexes[index_name]
-        if system.reranker == "mice":
-            index_bytes, holds = index["bytes"], "whole MICE index (states, texts, BM25)"
-        elif system.reranker == "cross-encoder":
-            index_bytes = index["bm25_bytes"] + index["text_bytes"]
-            holds = "BM25 index and document texts"
-        else:
-            index_bytes, holds = index["bm25_bytes"], "BM25 index"
+        index_bytes, holds = system_index_bytes(system, self.indexes.records[index_name])
         return {
             "first_stage": system.first_stage, "reranker": system.reranker,
             "model": system.model, "candidates": system.candidates if system.reranker != "none"
@@ -491,14 +419,25 @@ class _CollectionRun:
 
 def _bare_summary(before: dict[str, Any], after: dict[str, Any],
                   index: dict[str, Any]) -> dict[str, Any]:
-    """Bare forward throughput before and after indexing, and indexing's share of it."""
-    if not before:
-        return {}
-    bare = (before["tokens_per_second"] + after["tokens_per_second"]) / 2
-    summary = {"before": before, "after": after, "tokens_per_second": round(bare, 1)}
-    if index["measured_in_this_run"]:
+    """Indexing throughput as a fraction of the bare forward pass, measured two ways.
+
+    ``indexing_fraction`` divides by the bare forward pass of the probe, timed before and
+    after the build on a sample of the documents. ``indexing_fraction_in_build`` divides by the
+    forward passes timed inside the build itself, so that load from other work on the machine
+    slows both sides alike.
+    """
+    summary: dict[str, Any] = {}
+    if index["forward_seconds"]:
+        summary["indexing_fraction_in_build"] = round(
+            index["forward_seconds"] / index["build_seconds"], 4)
+    if before:
+        bare = (before["tokens_per_second"] + after["tokens_per_second"]) / 2
+        summary.update({"before": before, "after": after, "tokens_per_second": round(bare, 1)})
         summary["indexing_fraction"] = round(index["tokens_per_second"] / bare, 4)
         summary["encoding_fraction"] = round(index["encode_tokens_per_second"] / bare, 4)
+    if not index["measured_in_this_run"]:
+        summary = {key: value for key, value in summary.items()
+                   if key in ("before", "after", "tokens_per_second")}
     return summary
 
 
@@ -516,22 +455,3 @@ def _sample_documents(source: str, count: int, seed: int) -> list[str]:
     chosen = set(random.Random(seed).sample(range(total), min(count, total)))
     return [document.full_text() for position, document in enumerate(documents)
             if position in chosen]
-
-
-def _source_description(source: str) -> str:
-    from ..sources import open_documents
-
-    return open_documents(source).description
-
-
-def _text_bytes(states_file: Path) -> int:
-    """Bytes of the ids, titles and texts inside a state store."""
-    import h5py
-
-    total = 0
-    with h5py.File(states_file, "r") as handle:
-        for name in ("doc_ids", "titles", "texts"):
-            for part in ("data", "offsets"):
-                dataset = handle[name][part]
-                total += int(np.prod(dataset.shape)) * dataset.dtype.itemsize
-    return total

@@ -67,6 +67,10 @@ MICE_BATCH_SIZE = 128
 CROSS_ENCODER_BATCH_SIZE = 32
 RERANKERS = ("none", "mice", "cross-encoder")
 QUERY_ORDERS = ("first", "random")
+# Keys of a system's index_options: arguments of build_index, then settings of the storage
+# stages (see mice_engine.storage.StorageOptions).
+BUILD_OPTIONS = ("long_documents", "window_stride", "chunk_size")
+STORAGE_OPTIONS = ("keep_float16", "dense_kind", "max_train_vectors", "max_train_mib", "seed")
 SIGNIFICANCE_TESTS = ("paired-t", "randomization")
 DEFAULT_MODEL = "default"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._>+@-]*")
@@ -160,7 +164,8 @@ _TOP_KEYS = {"name", "description", "seed", "query_order", "depth", "metrics", "
 
 
 def load_suite(path: str | Path, *, models: dict[str, str] | None = None,
-               sources: dict[str, str] | None = None, max_queries: int | None = None) -> Suite:
+               sources: dict[str, str] | None = None, max_queries: int | None = None,
+               systems: list[str] | None = None) -> Suite:
     """Read and check a suite file.
 
     Args:
@@ -169,6 +174,7 @@ def load_suite(path: str | Path, *, models: dict[str, str] | None = None,
         sources: ``{collection name: source}`` that replace collection sources.
         max_queries: a cap on every system's number of queries and on the queries of the
             interaction micro-benchmark (0 or None: no cap).
+        systems: names of the systems to run, in the suite's order (None: all of them).
 
     Raises:
         BenchError: the file is missing or invalid; the message names the key and the fix.
@@ -183,12 +189,12 @@ def load_suite(path: str | Path, *, models: dict[str, str] | None = None,
     except tomllib.TOMLDecodeError as error:
         raise BenchError(f"suite file {path} is not valid TOML: {error}") from None
     return parse_suite(values, path=path, text=text, models=models, sources=sources,
-                       max_queries=max_queries)
+                       max_queries=max_queries, systems=systems)
 
 
 def parse_suite(values: dict[str, Any], *, path: Path | None = None, text: str = "",
                 models: dict[str, str] | None = None, sources: dict[str, str] | None = None,
-                max_queries: int | None = None) -> Suite:
+                max_queries: int | None = None, systems: list[str] | None = None) -> Suite:
     """Build a :class:`Suite` from parsed TOML ``values``; see :func:`load_suite`."""
     where = f"suite {path}" if path else "suite"
     _reject_unknown(values, _TOP_KEYS, where)
@@ -222,6 +228,12 @@ def parse_suite(values: dict[str, Any], *, path: Path | None = None, text: str =
 
     suite.collections = _parse_collections(values, where, base, sources or {})
     suite.systems = _parse_systems(values, where, suite)
+    if systems:
+        unknown = sorted(set(systems) - {system.name for system in suite.systems})
+        if unknown:
+            raise BenchError(f"{where}: no system named {unknown}; the suite has "
+                             f"{[system.name for system in suite.systems]}")
+        suite.systems = [system for system in suite.systems if system.name in systems]
     if max_queries:
         if max_queries < 0:
             raise BenchError(f"max_queries must be positive, got {max_queries}")
@@ -293,6 +305,10 @@ def _parse_systems(values: dict[str, Any], where: str, suite: Suite) -> list[Sys
                              "positive")
         system.compression = _get(entry, "compression", str, label, default="") or None
         system.index_options = _get(entry, "index_options", dict, label, default={})
+        unknown = sorted(set(system.index_options) - set(BUILD_OPTIONS + STORAGE_OPTIONS))
+        if unknown:
+            raise BenchError(f"{label}: index_options {unknown} are unknown; use "
+                             f"{', '.join(BUILD_OPTIONS + STORAGE_OPTIONS)}")
         system.search_options = _get(entry, "search_options", dict, label, default={})
         model = _get(entry, "model", str, label, default="")
         if system.reranker == "none":
