@@ -140,6 +140,12 @@ class TrainSettings:
     first_stage_feature: bool = False
     first_stage_scale_init: float = 0.5
     first_stage_scale_lr: float = 1e-2
+    # Listwise distillation from a bi-encoder (mean-pooled embeddings, cosine similarity),
+    # added to the listwise loss: "backbone" is the backbone the model was built from, or a
+    # sentence-embedding folder or Hugging Face id. See BiEncoderTeacher.
+    distill_teacher: str | None = None
+    distill_weight: float = 1.0
+    distill_temperature: float = 0.05
     checkpoint_every: int = 200
     precision: str = "auto"
     device: str = "auto"
@@ -177,6 +183,12 @@ class TrainSettings:
         if self.first_stage_feature and self.loss != "listwise":
             raise TrainingError("--first-stage-feature needs --loss listwise (BM25 scores come "
                                 "from the collection's own index)")
+        if self.distill_teacher is not None and self.loss != "listwise":
+            raise TrainingError("--distill-teacher adds to the listwise loss; use --loss listwise "
+                                "(margin-mse takes its teacher from --teacher)")
+        if self.distill_weight < 0 or self.distill_temperature <= 0:
+            raise TrainingError(f"distill-weight={self.distill_weight} must be at least 0 and "
+                                f"distill-temperature={self.distill_temperature} above 0")
         if self.precision not in ("auto", "float32", "bf16", "fp16"):
             raise TrainingError(f"precision {self.precision!r} is unknown; use auto, float32, "
                                 "bf16 or fp16")
@@ -219,6 +231,14 @@ def margin_mse_loss(positive: torch.Tensor, negative: torch.Tensor,
     student = positive - negative
     teacher = (teacher_positive - teacher_negative).to(student.dtype)
     return F.mse_loss(student, teacher)
+
+
+def listwise_distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
+                               temperature: float) -> torch.Tensor:
+    """KL divergence from the teacher's softmax over each row of ``teacher / temperature`` to the
+    student's softmax over the same row of ``student`` (B, G), averaged over rows."""
+    target = F.softmax(teacher.to(student.dtype) / temperature, dim=-1)
+    return F.kl_div(F.log_softmax(student, dim=-1), target, reduction="batchmean")
 
 
 def learning_rate_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -486,6 +506,74 @@ class StateCache:
         return self._queries[text]
 
 
+class BiEncoderTeacher:
+    """Relevance scores from a bi-encoder: the cosine similarity of mean-pooled token
+    embeddings of query and document, as sentence-transformers models such as all-MiniLM-L6-v2
+    are trained to give.
+
+    A MICE model built from such a backbone shares its lower layers, but its relevance head
+    starts from nothing; the bi-encoder's scores over the same hard negatives give it a signal
+    on every document of a group, not only on the judged one. Document embeddings are computed
+    once per row and kept.
+    """
+
+    def __init__(self, spec: str, texts: Sequence[str], device: torch.device,
+                 batch_size: int = 32) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        from .model import resolve_backbone
+
+        location, self.label = resolve_backbone(spec)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(location)
+            self.model = AutoModel.from_pretrained(location).to(device).eval()
+        except OSError as error:
+            raise TrainingError(f"--distill-teacher {spec}: cannot load a bi-encoder from "
+                                f"{location} ({error})") from error
+        self.max_length = _sentence_max_length(Path(location), self.tokenizer)
+        self.texts = texts
+        self.device = device
+        self.batch_size = batch_size
+        self._documents: dict[int, torch.Tensor] = {}
+        self._queries: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-length mean-pooled embeddings of ``texts``, (N, H) float32."""
+        parts = []
+        for first in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(list(texts[first : first + self.batch_size]), padding=True,
+                                   truncation=True, max_length=self.max_length,
+                                   return_tensors="pt").to(self.device)
+            hidden = self.model(**batch).last_hidden_state.float()
+            weights = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            parts.append(F.normalize(pooled, dim=-1))
+        return torch.cat(parts)
+
+    def scores(self, query: str, rows: Sequence[int]) -> torch.Tensor:
+        """Cosine similarities of ``query`` with the documents at ``rows``, (len(rows),)."""
+        missing = [r for r in dict.fromkeys(rows) if r not in self._documents]
+        if missing:
+            vectors = self.embed([self.texts[r] for r in missing])
+            self._documents.update(zip(missing, vectors, strict=True))
+        if query not in self._queries:
+            self._queries[query] = self.embed([query])[0]
+        documents = torch.stack([self._documents[r] for r in rows])
+        return documents @ self._queries[query]
+
+
+def _sentence_max_length(folder: Path, tokenizer: Any) -> int:
+    """The input length a sentence-embedding model was trained for (its
+    sentence_bert_config.json), else the tokenizer's limit, at most 512."""
+    config = folder / "sentence_bert_config.json"
+    if config.is_file():
+        value = json.loads(config.read_text()).get("max_seq_length")
+        if value:
+            return int(value)
+    return min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+
+
 class _lower_layers_in_eval:
     """Context that runs the embeddings and lower layers without dropout."""
 
@@ -728,6 +816,13 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
 
     collection, cache, texts, triples = _prepare_data(settings, model)
     scorer = PairScorer(model, cache, texts)
+    distiller = None
+    if settings.distill_teacher is not None:
+        spec = (model.config.backbone if settings.distill_teacher == "backbone"
+                else settings.distill_teacher)
+        distiller = BiEncoderTeacher(spec, texts, device)
+        logger.info("distilling from the bi-encoder %s (weight %g, temperature %g)",
+                    distiller.label, settings.distill_weight, settings.distill_temperature)
     train_indexes: list[int] = []
     dev_indexes: list[int] = []
     if collection is not None:
@@ -774,7 +869,7 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
             for part in range(settings.accumulation):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = _batch_loss(settings, scorer, collection, train_indexes, triples,
-                                       rng, scale=scale)
+                                       rng, scale=scale, distiller=distiller)
                     loss = loss / settings.accumulation
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"the loss became {loss.item()} at step {step}; "
@@ -921,7 +1016,8 @@ def _collection_teacher_stream(settings: TrainSettings,
 
 def _batch_loss(settings: TrainSettings, scorer: PairScorer, collection: LabelledCollection | None,
                 train_indexes: Sequence[int], triples: TripleStream | None,
-                rng: np.random.Generator, scale: torch.Tensor | None = None) -> torch.Tensor:
+                rng: np.random.Generator, scale: torch.Tensor | None = None,
+                distiller: BiEncoderTeacher | None = None) -> torch.Tensor:
     if settings.loss == "listwise":
         chosen = rng.choice(len(train_indexes), size=settings.batch_size,
                             replace=len(train_indexes) < settings.batch_size)
@@ -935,7 +1031,13 @@ def _batch_loss(settings: TrainSettings, scorer: PairScorer, collection: Labelle
                                            for i, rows in groups]), dtype=torch.float32,
                                  device=scores.device)
             scores = scores + scale * first
-        return listwise_softmax_loss(scores)
+        loss = listwise_softmax_loss(scores)
+        if distiller is not None and settings.distill_weight > 0:
+            teacher = torch.stack([distiller.scores(collection.queries[i][1], list(rows))
+                                   for i, rows in groups]).to(scores.device)
+            loss = loss + settings.distill_weight * listwise_distillation_loss(
+                scores, teacher, settings.distill_temperature)
+        return loss
     batch = triples.take(settings.batch_size)
     queries = [t.query for t in batch] * 2
     documents = [t.positive for t in batch] + [t.negative for t in batch]
@@ -999,6 +1101,7 @@ __all__ = [
     "TrainingError",
     "evaluate_reranking",
     "learning_rate_factor",
+    "listwise_distillation_loss",
     "listwise_softmax_loss",
     "margin_mse_loss",
     "settings_with_preset",

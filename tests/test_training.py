@@ -14,12 +14,14 @@ from typer.testing import CliRunner
 from cli.main import app
 from mice_engine.model import DELTA_FILE, MiceModel, ModelError
 from mice_engine.training import (
+    BiEncoderTeacher,
     PairScorer,
     StateCache,
     TrainingError,
     TrainSettings,
     build_model,
     learning_rate_factor,
+    listwise_distillation_loss,
     listwise_softmax_loss,
     load_checkpoint,
     margin_mse_loss,
@@ -95,6 +97,56 @@ def test_margin_mse_matches_hand_computation():
     teacher_negative = torch.tensor([9.0, 1.0])
     # margins: student (2, -1), teacher (1, 3): squared errors 1 and 16, mean 8.5
     assert margin_mse_loss(positive, negative, teacher_positive, teacher_negative).item() == 8.5
+
+
+def test_listwise_distillation_matches_hand_computation():
+    student = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    teacher = torch.tensor([[0.2, 0.1], [0.3, 0.3]])
+    # Row 1: teacher softmax of (2, 1) at temperature 0.1 against the student's of (1, 0): the
+    # same distribution, KL 0. Row 2: both uniform, KL 0. Then a row where they differ.
+    assert listwise_distillation_loss(student, teacher, 0.1).item() == pytest.approx(0, abs=1e-6)
+    target = [math.exp(1) / (math.exp(1) + 1), 1 / (math.exp(1) + 1)]
+    uniform = [0.5, 0.5]
+    expected = sum(t * math.log(t / u) for t, u in zip(target, uniform))
+    value = listwise_distillation_loss(torch.zeros(1, 2), torch.tensor([[0.1, 0.0]]), 0.1)
+    assert value.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_bi_encoder_teacher_is_the_cosine_of_mean_pooled_embeddings(tiny_backbone):
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = [DOCUMENTS["d1"], DOCUMENTS["d4"], DOCUMENTS["d6"]]
+    teacher = BiEncoderTeacher(str(tiny_backbone), texts, torch.device("cpu"), batch_size=2)
+    scores = teacher.scores("gene protein", [2, 0, 2])
+    # The same scores built by hand, one text at a time (no padding).
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_backbone))
+    model = AutoModel.from_pretrained(str(tiny_backbone)).eval()
+
+    def vector(text):
+        with torch.no_grad():
+            hidden = model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0]
+        return hidden.mean(0) / hidden.mean(0).norm()
+
+    query = vector("gene protein")
+    expected = torch.stack([vector(texts[i]) @ query for i in (2, 0, 2)])
+    assert torch.allclose(scores, expected, atol=1e-5)
+    assert scores[0] == scores[2] and scores[0] != scores[1]
+
+
+def test_distilled_run_trains_and_needs_the_listwise_loss(tiny_backbone, collection, tmp_path):
+    plain = train(tiny_settings(tiny_backbone, collection, tmp_path / "plain", steps=2,
+                                freeze_lower=True, dev_queries=0), progress=False)
+    settings = tiny_settings(tiny_backbone, collection, tmp_path / "distilled", steps=2,
+                             freeze_lower=True, dev_queries=0, distill_teacher="backbone",
+                             distill_weight=2.0)
+    distilled = train(settings, progress=False)
+    # Same draws and weights at step 0: the distillation term adds a KL divergence (>= 0).
+    assert distilled.losses[0] > plain.losses[0]
+    saved = MiceModel.load(distilled.output / "model")
+    assert saved.config.training["settings"]["distill_teacher"] == "backbone"
+    with pytest.raises(TrainingError, match="listwise"):
+        settings_with_preset(None, train="x", output="o", loss="margin-mse",
+                             teacher="t", distill_teacher="backbone")
 
 
 def test_learning_rate_warms_up_then_decays_linearly():
