@@ -512,9 +512,8 @@ class BiEncoderTeacher:
     are trained to give.
 
     A MICE model built from such a backbone shares its lower layers, but its relevance head
-    starts from nothing; the bi-encoder's scores over the same hard negatives give it a signal
-    on every document of a group, not only on the judged one. Document embeddings are computed
-    once per row and kept.
+    starts from nothing. The bi-encoder scores every document of a group, not only the judged
+    one. Document embeddings are computed once per row and kept.
     """
 
     def __init__(self, spec: str, texts: Sequence[str], device: torch.device,
@@ -564,7 +563,7 @@ class BiEncoderTeacher:
 
 
 def _sentence_max_length(folder: Path, tokenizer: Any) -> int:
-    """The input length a sentence-embedding model was trained for (its
+    """Return the input length that a sentence-embedding model was trained for (its
     sentence_bert_config.json), else the tokenizer's limit, at most 512."""
     config = folder / "sentence_bert_config.json"
     if config.is_file():
