@@ -102,6 +102,29 @@ def search_process_memory(index: Path, queries_file: Path, first_stage: str,
                 **payload["memory_mib"]}
 
 
+def search_memory(codecs: dict, float16_folder: Path, work: Path, queries, args) -> list[dict]:
+    """Peak resident memory of separate `mice search` processes over the query set: on the
+    float16 index with the BM25 and the dense first stage, and on the smallest codec's index."""
+    smallest = min((name for name in codecs if name != "float16"),
+                   key=lambda name: codecs[name]["bytes_per_token"], default=None)
+    memory = []
+    with tempfile.TemporaryDirectory() as folder:
+        queries_file = Path(folder) / "queries.jsonl"
+        queries_file.write_text("".join(json.dumps({"_id": q.id, "text": q.text}) + "\n"
+                                        for q in queries))
+        targets = [("float16", float16_folder, "bm25"), ("float16", float16_folder, "dense")]
+        if smallest:
+            targets.append((smallest, work / smallest, "bm25"))
+        for name, index, first_stage in targets:
+            report = search_process_memory(index, queries_file, first_stage, args.candidates,
+                                           args.model)
+            report.update({"index": name, "states_bytes": codecs[name]["states_bytes"]})
+            memory.append(report)
+            print(f"mice search on {name} ({first_stage}): peak {report['peak_rss_mib']} MiB, "
+                  f"states {report['states_bytes'] / 2**20:,.0f} MiB", file=sys.stderr)
+    return memory
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("collection", help="BEIR folder or irds:<id> with queries and qrels")
@@ -127,6 +150,9 @@ def main() -> None:
                              "already complete there are reused")
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON record [benchmarks/results/store-<name>.json]")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="measure the `mice search` processes' memory again, on the indexes "
+                             "of an existing record, and replace that part of the record")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
@@ -168,6 +194,17 @@ def main() -> None:
         evaluation = evaluate(run, qrels, MICE_METRICS)
         return {"metrics": evaluation.metrics, "latency_ms": latency_summary(timings),
                 "seconds": round(time.perf_counter() - started, 1)}, scores
+
+    if args.memory_only:
+        record = json.loads(output.read_text())
+        record["search_memory"] = search_memory(record["codecs"], work / "float16", work, queries,
+                                                args)
+        record["search_memory_run"] = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "git_commit": git_commit()}
+        output.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"updated {output}", file=sys.stderr)
+        return
 
     # Float16 with a dense index: the reference of every comparison.
     float16_folder, float16_manifest, float16_seconds = derived(
@@ -233,24 +270,7 @@ def main() -> None:
         print(f"{name}: {codecs[name]['bytes_per_token']} B/token {system['metrics']} "
               f"{codecs[name]['against_float16']}", file=sys.stderr)
 
-    # Peak resident memory of separate `mice search` processes.
-    smallest = min((name for name in codecs if name != "float16"),
-                   key=lambda name: codecs[name]["bytes_per_token"], default=None)
-    memory = []
-    with tempfile.TemporaryDirectory() as folder:
-        queries_file = Path(folder) / "queries.jsonl"
-        queries_file.write_text("".join(json.dumps({"_id": q.id, "text": q.text}) + "\n"
-                                        for q in queries))
-        targets = [("float16", float16_folder, "bm25"), ("float16", float16_folder, "dense")]
-        if smallest:
-            targets.append((smallest, work / smallest, "bm25"))
-        for name, index, first_stage in targets:
-            report = search_process_memory(index, queries_file, first_stage, args.candidates,
-                                           args.model)
-            report.update({"index": name, "states_bytes": codecs[name]["states_bytes"]})
-            memory.append(report)
-            print(f"mice search on {name} ({first_stage}): peak {report['peak_rss_mib']} MiB, "
-                  f"states {report['states_bytes'] / 2**20:,.0f} MiB", file=sys.stderr)
+    memory = search_memory(codecs, float16_folder, work, queries, args)
 
     record = {
         "benchmark": "store",

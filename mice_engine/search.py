@@ -395,18 +395,21 @@ def resident_memory_mib() -> dict[str, float]:
 
     import psutil
 
-    # ru_maxrss is in KiB on Linux (in bytes on macOS).
+    # ru_maxrss is in KiB on Linux (in bytes on macOS). On Linux it also carries the peak of
+    # the process that started this one (the kernel keeps it across fork and exec), so a search
+    # started by a large Python process would report that process's peak; VmHWM, the peak of
+    # this process's own address space, replaces it where /proc is readable.
     memory = {"rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     try:
         status = Path("/proc/self/status").read_text().splitlines()
     except OSError:
         return memory
+    names = {"VmHWM": "peak_rss_mib", "RssAnon": "anonymous_mib", "RssFile": "file_backed_mib"}
     for line in status:
         key, _, value = line.partition(":")
-        if key in ("RssAnon", "RssFile"):
-            name = "anonymous_mib" if key == "RssAnon" else "file_backed_mib"
-            memory[name] = round(int(value.split()[0]) / 1024, 1)
+        if key in names:
+            memory[names[key]] = round(int(value.split()[0]) / 1024, 1)
     return memory
 
 

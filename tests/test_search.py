@@ -273,3 +273,22 @@ def test_model_trained_with_a_bm25_term_ranks_by_the_sum(adi_index, tiny_backbon
     for hit in summed.hits:
         assert hit.score == pytest.approx(expected[hit.doc_id], abs=1e-4)
     assert [h.score for h in summed.hits] == sorted((h.score for h in summed.hits), reverse=True)
+
+
+def test_peak_memory_is_not_the_parent_process_peak():
+    import json
+    import subprocess
+    import sys
+
+    # A parent with a large resident set starts a small child: the child's reported peak must
+    # be its own. ru_maxrss alone would report the parent's 400 MiB.
+    ballast = bytearray(400 * 2**20)
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+    code = ("import json; from mice_engine.search import resident_memory_mib; "
+            "print(json.dumps(resident_memory_mib()))")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True)
+    child = json.loads(completed.stdout)
+    assert child["peak_rss_mib"] < 300
+    assert child["peak_rss_mib"] >= child["rss_mib"] > 0
+    assert len(ballast) == 400 * 2**20
