@@ -600,7 +600,7 @@ def rerank(
     queries: Annotated[str, typer.Option(help="Query texts: a BEIR folder, queries .jsonl/.tsv, or irds:<id>.")],
     collection: Annotated[str, typer.Option(help="Documents, looked up by id: a BEIR folder, a .jsonl[.gz]/.tsv corpus, or irds:<id>.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="TREC run file to write ('-' for standard output).")],
-    model: Annotated[str | None, typer.Option(help="Cross-encoder folder, MICE model folder, or a backbone folder or Hugging Face id (as an untrained MICE model) (default: all-MiniLM-L6-v2 as MICE-l3+3, untrained head).")] = None,
+    model: Annotated[str | None, typer.Option(help="Cross-encoder folder, MICE model folder, or a backbone folder or Hugging Face id (as an untrained MICE model) (default: the shipped MICE-l3+3 trained on SciFact; rerank ranks by its MICE score alone, without the BM25 blend that mice search applies).")] = None,
     depth: Annotated[int, typer.Option(min=1, help="Candidates re-ranked per query: the first DEPTH results of the run; the output contains only these.")] = 100,
     split: Annotated[str, typer.Option(help="Split whose judged queries a BEIR folder contributes (qrels/<split>.tsv).")] = "test",
     batch_size: Annotated[int, typer.Option(min=1, help="Documents per forward pass.")] = 32,

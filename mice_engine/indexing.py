@@ -249,7 +249,7 @@ def build_index(
         source: BEIR folder, JSONL/TSV file or ``irds:<id>`` (see :mod:`mice_engine.sources`).
         output: the index folder.
         model: a :class:`MiceModel`, a model folder or backbone name, or ``None`` for the
-            default (all-MiniLM-L6-v2, MICE-l3+3, untrained head).
+            default (the shipped MICE-l3+3, trained on SciFact).
         batch_size: documents per forward pass (batches are sorted by length).
         chunk_size: documents per committed shard; a resumed build restarts at a shard boundary.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``..., or ``None`` for the GPU when present.

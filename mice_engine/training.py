@@ -174,7 +174,8 @@ class TrainSettings:
                                 "a positive and at least one negative")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             raise TrainingError(f"warmup-steps={self.warmup_steps} must be between 0 and "
-                                f"steps={self.steps}")
+                                f"steps={self.steps}; pass --warmup-steps with a value in "
+                                "that range")
         if self.learning_rate <= 0:
             raise TrainingError(f"learning-rate={self.learning_rate} must be positive")
         if self.first_stage_feature and self.fuse_first_stage:
@@ -186,9 +187,12 @@ class TrainSettings:
         if self.distill_teacher is not None and self.loss != "listwise":
             raise TrainingError("--distill-teacher adds to the listwise loss; use --loss listwise "
                                 "(margin-mse takes its teacher from --teacher)")
-        if self.distill_weight < 0 or self.distill_temperature <= 0:
-            raise TrainingError(f"distill-weight={self.distill_weight} must be at least 0 and "
-                                f"distill-temperature={self.distill_temperature} above 0")
+        if self.distill_weight < 0:
+            raise TrainingError(f"distill-weight={self.distill_weight} is invalid: it must be "
+                                "at least 0")
+        if self.distill_temperature <= 0:
+            raise TrainingError(f"distill-temperature={self.distill_temperature} is invalid: it "
+                                "must be above 0")
         if self.precision not in ("auto", "float32", "bf16", "fp16"):
             raise TrainingError(f"precision {self.precision!r} is unknown; use auto, float32, "
                                 "bf16 or fp16")
