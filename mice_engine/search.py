@@ -395,10 +395,9 @@ def resident_memory_mib() -> dict[str, float]:
 
     import psutil
 
-    # ru_maxrss is in KiB on Linux (in bytes on macOS). On Linux it also carries the peak of
-    # the process that started this one (the kernel keeps it across fork and exec), so a search
-    # started by a large Python process would report that process's peak; VmHWM, the peak of
-    # this process's own address space, replaces it where /proc is readable.
+    # ru_maxrss is in KiB on Linux (in bytes on macOS). Linux keeps it across fork and exec,
+    # so a search started by a large Python process would report that process's peak.
+    # Where /proc is readable, VmHWM (the peak of this process's own memory) replaces it.
     memory = {"rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     try:
