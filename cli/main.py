@@ -473,12 +473,15 @@ def info(
 @app.command()
 def check(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index folder.")],
-    checksum: Annotated[bool, typer.Option("--checksum/--no-checksum", help="Recompute the SHA-256 of every stored state (reads the whole store).")] = True,
+    checksum: Annotated[bool, typer.Option("--checksum/--no-checksum", help="Recompute the SHA-256 of every stored state and FAISS file (reads the whole store). The checksum of the ids, titles and texts is verified either way.")] = True,
 ) -> None:
-    """Verify an index: manifest, counts, alignment of ids, states and texts, checksum, BM25."""
+    """Verify an index: manifest, counts, alignment of ids, states and texts, the checksums of
+    the ids, titles, texts and states, BM25."""
     from mice_engine.check import check_index
 
     report = check_index(index_dir, verify_checksum=checksum)
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
     for problem in report.problems:
         typer.echo(f"problem: {problem}", err=True)
     if not report.ok:

@@ -19,9 +19,13 @@ _HASH_ROWS = 1 << 12
 
 @dataclass
 class CheckReport:
+    """The outcome of :func:`check_index`. Problems make the index fail the check. Notes are
+    limits of the check itself, such as a manifest without a content checksum, and do not."""
+
     folder: Path
     problems: list[str] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -29,9 +33,14 @@ class CheckReport:
 
 
 def check_index(folder: str | os.PathLike, verify_checksum: bool = True) -> CheckReport:
-    """Verify an index: manifest, store layout, alignment of ids, states and texts, checksum,
-    finiteness of every state (decoded, for a store of codes), the BM25 document count, and
-    the FAISS files (codec and dense index): size, SHA-256 and agreement with the store.
+    """Verify an index: manifest, store layout, alignment of ids, states and texts, and the
+    content checksum of the ids, titles and texts. Then verify the states' checksum, the
+    finiteness of every state (decoded, for a store of codes) and the BM25 document count. Last,
+    verify the FAISS files (codec and dense index): size, SHA-256 and agreement with the store.
+
+    ``verify_checksum=False`` skips the SHA-256 of the states and of the FAISS files, which
+    reads every stored row. The content checksum is always verified: the strings are read for
+    the other checks anyway.
 
     Problems are collected, not raised, so that one run lists everything that is wrong.
     """
@@ -160,6 +169,7 @@ def _check_store(handle, manifest: dict, report: CheckReport, verify_checksum: b
         if name == "doc_ids" and len(set(values)) != len(values):
             report.problems.append(f"{len(values) - len(set(values))} document ids repeat")
     report.checked.append("ids and texts")
+    _check_content(handle, manifest, report)
 
     codec = None
     if compressed:
@@ -202,3 +212,36 @@ def _check_store(handle, manifest: dict, report: CheckReport, verify_checksum: b
                 report.problems.append("the SHA-256 of the float16 states kept beside the codes "
                                        "differs from the manifest")
         report.checked.append("checksum")
+
+
+def _check_content(handle, manifest: dict, report: CheckReport) -> None:
+    """Compare the SHA-256 of the stored ids, titles and texts with the manifest's."""
+    from .store import FIELD_NAMES, StoreError, content_checksums
+
+    expected = manifest.get("content_sha256")
+    if expected is None:
+        report.notes.append(
+            "the manifest has no content checksum (content_sha256), because a mice-engine "
+            "version that did not record one wrote the index, so a change to the document ids, "
+            "titles or texts cannot be detected. Rebuild the index with `mice index SOURCE "
+            f"--output {report.folder} --overwrite` to add one"
+        )
+        return
+    if not isinstance(expected, dict):
+        report.problems.append(f"the manifest's content_sha256 is {expected!r}, not a record of "
+                               "checksums per field; the manifest is damaged, rebuild the index")
+        return
+    try:
+        actual = content_checksums(handle)
+    except (KeyError, StoreError) as error:
+        report.problems.append(f"the content checksum cannot be computed: {error}")
+        return
+    rebuild = f"rebuild the index with `mice index SOURCE --output {report.folder} --overwrite`"
+    for name, label in FIELD_NAMES.items():
+        if actual[name] != expected.get(name):
+            report.problems.append(
+                f"the stored {label} differ from the manifest's content checksum "
+                f"(content_sha256.{name}): they were modified or corrupted after the build, so "
+                f"search results may show the wrong {label}; {rebuild}"
+            )
+    report.checked.append("content checksum")

@@ -40,6 +40,8 @@ BUILD_FILE = "build.json"
 INDEX_FORMAT = "mice-index"
 # Version 2 added compressed stores (codes and codec.faiss), dense.faiss and the manifest's
 # "files" entry. Version 1 indexes read as float16 indexes without a dense first stage.
+# "content_sha256" was added later without a new version, because readers that do not know it
+# can ignore it: an index without it loads and searches, and `mice check` notes its absence.
 INDEX_FORMAT_VERSION = 2
 MODES = ("create", "resume", "overwrite")
 DUPLICATE_POLICIES = ("error", "first")
@@ -456,6 +458,8 @@ def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict
         # ids and texts that the file also contains.
         "states": states_record(folder, storage_parts["codec"], store_info["tokens"],
                                 store_info["hidden_size"], store_info["states_sha256"]),
+        # SHA-256 of the document ids, the titles and the texts, each in stored order.
+        "content_sha256": store_info["content_sha256"],
         "first_stage": {"bm25": {"path": BM25_DIR, **bm25.settings}},
         "files": storage_parts["files"],
         "counts": {"documents": store_info["documents"], "tokens": store_info["tokens"],

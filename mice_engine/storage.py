@@ -144,13 +144,40 @@ def states_record(folder: Path, codec: dict[str, Any], tokens: int, hidden_size:
     }
 
 
+def _content_checksums(staging: Path, source: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """Compute the content checksums of the store just written in ``staging``, and raise if
+    they differ from those of the ``source`` index it was copied from."""
+    import h5py
+
+    from .indexing import MiceIndexError
+    from .store import FIELD_NAMES, content_checksums
+
+    with h5py.File(staging / STATES_FILE, "r") as handle:
+        checksums = content_checksums(handle)
+    expected = manifest.get("content_sha256")
+    if expected is None:
+        logger.info("%s has no content checksum; recording the checksum of its current ids, "
+                    "titles and texts", source)
+        return checksums
+    changed = [label for name, label in FIELD_NAMES.items() if checksums[name] != expected.get(name)]
+    if changed:
+        raise MiceIndexError(
+            f"the {' and '.join(changed)} of {source} differ from its manifest's content checksum: "
+            "the source index was modified or corrupted after its build. Rebuild it with "
+            f"`mice index SOURCE --output {source} --overwrite`, then derive from it again"
+        )
+    return checksums
+
+
 def derive_index(source: str | os.PathLike, output: str | os.PathLike, options: StorageOptions,
                  *, mode: str = "create", show_progress: bool = True) -> dict[str, Any]:
     """Write a new index at ``output`` from the complete index ``source``, without encoding.
 
     The new index shares the source's documents, model and BM25 index. Its states are coded
     with ``options.compression`` from the source's float16 states, and its dense index is built
-    (``options.dense``), copied from the source (``None``) or left out (``False``).
+    (``options.dense``), copied from the source (``None``) or left out (``False``). The content
+    checksum of the ids, titles and texts is recomputed from the new store and must equal the
+    source's, when the source's manifest has one.
 
     Args:
         mode: ``"create"`` (``output`` must be new or empty) or ``"overwrite"`` (replace the
@@ -158,6 +185,10 @@ def derive_index(source: str | os.PathLike, output: str | os.PathLike, options: 
 
     Returns:
         The new index's manifest.
+
+    Raises:
+        MiceIndexError: ``output`` cannot be written in ``mode``, or the source's ids, titles or
+            texts differ from its manifest's content checksum.
     """
     from . import indexing
     from .first_stage import BM25_DIR
@@ -194,6 +225,7 @@ def derive_index(source: str | os.PathLike, output: str | os.PathLike, options: 
                           or manifest["states"]["sha256"])
         derived["states"] = states_record(staging, parts["codec"], manifest["counts"]["tokens"],
                                           manifest["states"]["hidden_size"], float16_sha256)
+        derived["content_sha256"] = _content_checksums(staging, source, manifest)
         derived["first_stage"].pop("dense", None)
         if parts["dense"] is not None:
             derived["first_stage"]["dense"] = parts["dense"]

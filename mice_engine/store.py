@@ -12,6 +12,7 @@ Layout of the final store (``states.h5``):
   one window;
 - ``doc_ids``, ``titles``, ``texts``: UTF-8 strings kept as a ``data`` byte array plus
   ``offsets``, which can store any text (HDF5's own variable-length strings stop at a NUL byte).
+  The manifest records a SHA-256 of each of these fields (see :func:`content_checksums`).
 
 A compressed store (see :mod:`mice_engine.compression`) holds ``codes`` instead of ``states``:
 (total tokens, code size) uint8, one contiguous dataset as well, whose attributes ``codec`` and
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -47,10 +49,14 @@ CODES_DATASET = "codes"
 SHARDS_DIR = "shards"
 _SHARD_PATTERN = "part-*.h5"
 _STRING_FIELDS = ("doc_ids", "titles", "texts")
+# Readable names of the string fields, for messages.
+FIELD_NAMES = {"doc_ids": "document ids", "titles": "titles", "texts": "texts"}
 # Rows copied per step while merging shards: bounds the merge's memory (4 MiB at hidden 384).
 _COPY_ROWS = 1 << 13
 # Rows coded per step while compressing: 24 MiB of float16 states at hidden 384.
 _ENCODE_ROWS = 1 << 15
+# Strings hashed per step by content_checksums.
+_HASH_STRINGS = 1 << 16
 
 
 class StoreError(RuntimeError):
@@ -76,6 +82,49 @@ def _read_all_strings(group: h5py.Group) -> list[str]:
     data = group["data"][()].tobytes()
     offsets = group["offsets"][()]
     return [data[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+
+
+def _hash_strings(digest, data: bytes, offsets: np.ndarray) -> None:
+    """Add each string of ``data`` to ``digest`` as its length in bytes (8 bytes, little-endian)
+    followed by its bytes. ``offsets`` bound the strings and start at 0.
+
+    The length prefix makes the digest depend on where each string ends, so ("ab", "c") and
+    ("a", "bc") hash differently.
+    """
+    bounds = offsets.tolist()
+    view = memoryview(data)
+    pieces = []
+    for start, end in itertools.pairwise(bounds):
+        pieces.append((end - start).to_bytes(8, "little"))
+        pieces.append(view[start:end])
+    digest.update(b"".join(pieces))
+
+
+def content_checksums(handle: h5py.File) -> dict[str, str]:
+    """Compute the SHA-256 of each string field of an open store: ``doc_ids``, ``titles`` and
+    ``texts``, in stored order, as :func:`merge_shards` records them.
+
+    Each string is hashed as its 8-byte little-endian length followed by its UTF-8 bytes. The
+    strings are read in blocks, so memory stays bounded.
+
+    Raises:
+        StoreError: a field's offsets decrease or point past its data.
+    """
+    checksums = {}
+    for name in _STRING_FIELDS:
+        data = handle[name]["data"]
+        all_offsets = handle[name]["offsets"]
+        count = all_offsets.shape[0] - 1
+        digest = hashlib.sha256()
+        for first in range(0, count, _HASH_STRINGS):
+            offsets = all_offsets[first : min(first + _HASH_STRINGS, count) + 1]
+            if offsets[0] < 0 or offsets[-1] > data.shape[0] or np.any(np.diff(offsets) < 0):
+                raise StoreError(f"the offsets of {name} in {handle.filename} are not increasing "
+                                 "within its data; rebuild the index")
+            block = data[int(offsets[0]) : int(offsets[-1])].tobytes()
+            _hash_strings(digest, block, offsets - offsets[0])
+        checksums[name] = digest.hexdigest()
+    return checksums
 
 
 def _require_space(folder: Path, needed: int) -> None:
@@ -193,7 +242,10 @@ def read_shard_ids(path: Path) -> tuple[list[str], np.ndarray]:
 def merge_shards(shards: Sequence[Path], output: Path) -> dict[str, object]:
     """Write the final store from committed shards in one streaming pass.
 
-    Returns the counts and the SHA-256 of the states' bytes, which the manifest records.
+    Returns the counts, the SHA-256 of the states' bytes and the SHA-256 of each string field
+    (``content_sha256``, hashed as :func:`content_checksums` does), which the manifest records.
+    The checksums are computed from the shards' data as it is copied, so a resumed build, whose
+    first shards come from an earlier run, gets the same checksums as an uninterrupted one.
     """
     if not shards:
         raise StoreError("no committed documents to store")
@@ -216,6 +268,7 @@ def merge_shards(shards: Sequence[Path], output: Path) -> dict[str, object]:
     _require_space(output.parent, tokens * hidden * 2 + sum(text_bytes.values())
                    + 24 * (documents + windows) + (1 << 20))
     digest = hashlib.sha256()
+    content_digests = {name: hashlib.sha256() for name in _STRING_FIELDS}
     with _writing(temporary), h5py.File(temporary, "w") as out:
         states = out.create_dataset("states", shape=(tokens, hidden), dtype=np.float16)
         offsets = out.create_dataset("offsets", shape=(documents + 1,), dtype=np.int64)
@@ -259,12 +312,15 @@ def merge_shards(shards: Sequence[Path], output: Path) -> dict[str, object]:
                     base = byte_positions[name]
                     data[base : base + len(part)] = part
                     string_offsets[doc + 1 : doc + 1 + len(lengths)] = base + part_offsets[1:]
+                    _hash_strings(content_digests[name], part.tobytes(), part_offsets)
                     byte_positions[name] += len(part)
                 doc += len(lengths)
     _sync(temporary)
     os.replace(temporary, output)
     return {"documents": documents, "tokens": tokens, "windows": windows, "hidden_size": hidden,
-            "states_sha256": digest.hexdigest()}
+            "states_sha256": digest.hexdigest(),
+            "content_sha256": {name: content_digests[name].hexdigest()
+                               for name in _STRING_FIELDS}}
 
 
 def write_compressed_store(source: Path, output: Path, codec, codec_file: str, *,

@@ -303,3 +303,46 @@ def test_float16_derive_copies_states(adi_float16, tmp_path):
     assert manifest["states"]["sha256"] == read_manifest(adi_float16)["states"]["sha256"]
     assert manifest["files"] == {}
     assert check_index(tmp_path / "copy").problems == []
+
+
+def test_derive_keeps_content_checksum(adi_float16, tmp_path):
+    manifest = derive_index(adi_float16, tmp_path / "int8", StorageOptions(compression="int8"),
+                            show_progress=False)
+    assert manifest["content_sha256"] == read_manifest(adi_float16)["content_sha256"]
+    report = check_index(tmp_path / "int8")
+    assert report.problems == []
+    assert "content checksum" in report.checked
+
+
+def test_derive_recomputes_missing_content_checksum(adi_float16, tmp_path):
+    import shutil
+
+    source = tmp_path / "old"
+    shutil.copytree(adi_float16, source)
+    original = json.loads((source / MANIFEST_FILE).read_text())
+    without = {key: value for key, value in original.items() if key != "content_sha256"}
+    (source / MANIFEST_FILE).write_text(json.dumps(without))
+
+    manifest = derive_index(source, tmp_path / "int8", StorageOptions(compression="int8"),
+                            show_progress=False)
+    assert manifest["content_sha256"] == original["content_sha256"]
+    report = check_index(tmp_path / "int8")
+    assert report.problems == []
+    assert report.notes == []
+
+
+def test_derive_rejects_source_with_changed_texts(adi_float16, tmp_path):
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(adi_float16, source)
+    with h5py.File(source / STATES_FILE, "r+") as handle:
+        data = handle["texts"]["data"]
+        position = int(np.flatnonzero(data[()] == ord("e"))[0])
+        data[position] = ord("f")
+
+    with pytest.raises(MiceIndexError, match=r"the texts of .* differ from its manifest's "
+                                             r"content checksum.*--overwrite"):
+        derive_index(source, tmp_path / "int8", StorageOptions(compression="int8"),
+                     show_progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["source"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import h5py
@@ -129,6 +130,7 @@ def test_interrupted_build_resumes_to_identical_index(tiny_model, tmp_path):
                           mode="resume", show_progress=False)
     assert resumed["build"]["resumed_after_shards"] == 2
     assert resumed["states"]["sha256"] == clean["states"]["sha256"]
+    assert resumed["content_sha256"] == clean["content_sha256"]
     assert resumed["counts"] == clean["counts"]
     with StateStore(tmp_path / "index" / STATES_FILE) as a, \
             StateStore(tmp_path / "clean" / STATES_FILE) as b:
@@ -215,7 +217,9 @@ def test_check_accepts_fresh_index(tiny_model, tmp_path):
                 show_progress=False)
     report = check_index(tmp_path / "index")
     assert report.problems == []
+    assert report.notes == []
     assert "checksum" in report.checked
+    assert "content checksum" in report.checked
 
 
 def test_check_reports_corrupted_states(tiny_model, tmp_path):
@@ -259,6 +263,140 @@ def test_check_reports_unfinished_build(tiny_model, tmp_path):
     problems = check_index(tmp_path / "index").problems
     assert len(problems) == 1
     assert "--resume" in problems[0]
+
+
+def length_prefixed_sha256(values):
+    digest = hashlib.sha256()
+    for value in values:
+        encoded = value.encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "little") + encoded)
+    return digest.hexdigest()
+
+
+def test_content_checksum_covers_source_documents(tiny_model, tmp_path):
+    adi = shared_collection("adi")
+    manifest = build_index(adi, tmp_path / "index", model=tiny_model, chunk_size=30,
+                           show_progress=False)
+    documents = list(open_documents(adi))
+    assert manifest["content_sha256"] == {
+        "doc_ids": length_prefixed_sha256(doc.id for doc in documents),
+        "titles": length_prefixed_sha256(doc.title for doc in documents),
+        "texts": length_prefixed_sha256(doc.text for doc in documents),
+    }
+
+
+def test_content_hash_separates_string_boundaries():
+    from mice_engine.store import _hash_strings
+
+    digests = []
+    for strings in (["ab", "c"], ["a", "bc"], ["abc"]):
+        digest = hashlib.sha256()
+        data = "".join(strings).encode()
+        offsets = np.cumsum([0] + [len(value) for value in strings])
+        _hash_strings(digest, data, offsets)
+        digests.append(digest.hexdigest())
+    assert len(set(digests)) == 3
+
+
+@pytest.fixture(scope="module")
+def adi_with_faiss(tiny_model, tmp_path_factory):
+    """ADI with int8 codes (codec.faiss) and a dense index (dense.faiss)."""
+    from mice_engine.storage import StorageOptions
+
+    folder = tmp_path_factory.mktemp("adi-faiss") / "index"
+    build_index(shared_collection("adi"), folder, model=tiny_model, show_progress=False,
+                storage=StorageOptions(compression="int8", dense=True))
+    assert (folder / "codec.faiss").is_file()
+    assert (folder / "dense.faiss").is_file()
+    return folder
+
+
+def rewrite_strings(folder, name, edit):
+    """Replace the string field ``name`` of an index's store by ``edit(values)``."""
+    from mice_engine.store import _read_all_strings, _write_strings
+
+    with h5py.File(folder / STATES_FILE, "r+") as handle:
+        values = _read_all_strings(handle[name])
+        del handle[name]
+        _write_strings(handle, name, edit(values))
+
+
+def swap_ids(ids):
+    ids[10], ids[20] = ids[20], ids[10]
+    return ids
+
+
+def append_to_text(texts):
+    texts[5] += " edited"
+    return texts
+
+
+def change_one_title_byte(folder):
+    with h5py.File(folder / STATES_FILE, "r+") as handle:
+        data = handle["titles"]["data"]
+        position = int(np.flatnonzero(data[()] == ord("a"))[0])
+        data[position] = ord("b")
+
+
+TAMPERING = {
+    "doc_ids": lambda folder: rewrite_strings(folder, "doc_ids", swap_ids),
+    "titles": change_one_title_byte,
+    "texts": lambda folder: rewrite_strings(folder, "texts", append_to_text),
+}
+
+
+@pytest.mark.parametrize("field", TAMPERING)
+def test_check_finds_changed_content(adi_with_faiss, tmp_path, field):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from mice_engine.check import check_index
+    from mice_engine.store import FIELD_NAMES
+
+    copy = tmp_path / "copy"
+    shutil.copytree(adi_with_faiss, copy)
+    assert check_index(copy).problems == []
+    TAMPERING[field](copy)
+
+    problems = check_index(copy).problems
+    assert len(problems) == 1
+    assert f"stored {FIELD_NAMES[field]} differ from the manifest's content checksum" in problems[0]
+    assert f"content_sha256.{field}" in problems[0]
+    assert f"--output {copy} --overwrite" in problems[0]
+    result = CliRunner().invoke(app, ["check", str(copy), "--no-checksum"])
+    assert result.exit_code == 1
+    assert f"stored {FIELD_NAMES[field]} differ" in result.output
+
+
+def test_index_without_content_checksum(tiny_model, adi_with_faiss, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from mice_engine.check import check_index
+    from mice_engine.search import Searcher
+
+    copy = tmp_path / "old"
+    shutil.copytree(adi_with_faiss, copy)
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    del manifest["content_sha256"]
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+    searcher = Searcher(copy, model=tiny_model)
+    assert len(searcher.search("information retrieval", k=5).hits) == 5
+    searcher.close()
+    report = check_index(copy)
+    assert report.problems == []
+    assert len(report.notes) == 1
+    assert "no content checksum" in report.notes[0]
+    assert f"--output {copy} --overwrite" in report.notes[0]
+    result = CliRunner().invoke(app, ["check", str(copy)])
+    assert result.exit_code == 0
+    assert "note: the manifest has no content checksum" in result.output
+    assert f"{copy}: OK" in result.output
 
 
 def test_full_disk_keeps_shards_for_resume(tiny_model, tmp_path, monkeypatch):
