@@ -137,8 +137,8 @@ def index(
     batch_size: Annotated[int, typer.Option(min=1, help="Documents per forward pass.")] = 32,
     chunk_size: Annotated[int, typer.Option(min=1, help="Documents per committed shard (the unit that --resume restarts from).")] = 2048,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (the GPU when PyTorch sees one).")] = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build of the same source with the same settings.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild an existing index; the old one is replaced only when the new one is complete.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build of the same source with the same settings, or an interrupted --overwrite rebuild.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild an existing index in .NAME.building beside it; the old one is replaced only when the new one is complete.")] = False,
     on_duplicate: Annotated[DuplicatePolicy, typer.Option(help="What a repeated document id does: stop with an error, or keep the first document with that id.")] = DuplicatePolicy.error,
     long_documents: Annotated[LongDocumentPolicy, typer.Option(help="Documents longer than the maximum length: keep their beginning (truncate), or store overlapping windows and score each document by its best window.")] = LongDocumentPolicy.truncate,
     window_stride: Annotated[int | None, typer.Option(min=1, help="Tokens between the starts of two windows (default: half the maximum length).")] = None,
@@ -153,7 +153,8 @@ def index(
     """Encode every document through the lower MICE layers and store its per-token states."""
     _setup_logging(quiet)
     if resume and overwrite:
-        raise _fail(ValueError("--resume and --overwrite exclude each other; pass one"))
+        raise _fail(ValueError("--resume and --overwrite exclude each other; pass one (--resume "
+                               "alone continues an interrupted --overwrite)"))
     build_mode = "create"
     if resume:
         build_mode = "resume"
@@ -176,7 +177,8 @@ def index(
                              dense_kind=dense_index.value, max_train_vectors=max_train_vectors,
                              max_train_mib=max_train_mib)
 
-    # SIGTERM (from `kill` or a scheduler) ends the build like Ctrl-C, with the resume hint.
+    # SIGTERM (from `kill` or a scheduler) ends the build like Ctrl-C, with a message that states
+    # what the build left and how to continue it.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         open_documents(source)  # a missing source fails before the model loads
@@ -192,8 +194,9 @@ def index(
     except _expected_errors() as error:
         raise _fail(error) from None
     except KeyboardInterrupt:
-        typer.echo(f"interrupted: {output} is incomplete. Continue with the same command plus "
-                   "--resume", err=True)
+        from mice_engine.indexing import interrupted_build_message
+
+        typer.echo(f"interrupted: {interrupted_build_message(output, build_mode)}", err=True)
         raise typer.Exit(code=130) from None
     counts, build = manifest["counts"], manifest["build"]
     typer.echo(f"index: {output}")

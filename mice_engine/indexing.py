@@ -8,6 +8,10 @@ An index folder holds:
 - ``dense.faiss``: the dense first stage's FAISS index, when the index has one;
 - ``manifest.json``: written last, so a folder without it is an unfinished build;
 - while a build runs: ``build.json`` (its settings, checked by ``--resume``) and ``shards/``.
+
+``--overwrite`` builds the new index in a staging folder ``.NAME.building`` beside the index
+``NAME`` and replaces the index only once the new one is complete. An interrupted rebuild stays
+there, and ``--resume`` continues it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -165,6 +170,24 @@ def _chunks(documents: Iterator[Document], size: int) -> Iterator[list[Document]
         yield chunk
 
 
+def staging_folder(output: Path) -> Path:
+    """Return the folder beside ``output`` in which ``--overwrite`` builds the new index."""
+    return output.with_name(f".{output.name}.building")
+
+
+def _retired_folder(output: Path) -> Path:
+    """Return the folder where :func:`_swap_in` moves the old index while it moves the new
+    one in."""
+    return output.with_name(f".{output.name}.retired")
+
+
+def _has_staged_rebuild(output: Path) -> bool:
+    """Check whether an interrupted ``--overwrite`` left a rebuild of ``output`` to resume: a
+    staging folder with its build settings, or with its manifest when only the swap is missing."""
+    staging = staging_folder(output)
+    return (staging / BUILD_FILE).is_file() or (staging / MANIFEST_FILE).is_file()
+
+
 def check_output_folder(output: Path, mode: str) -> None:
     """Raise if ``mode`` may not build at ``output``; writes nothing, so it can run before the
     model loads."""
@@ -176,6 +199,7 @@ def check_output_folder(output: Path, mode: str) -> None:
     complete = (output / MANIFEST_FILE).is_file()
     partial = (output / BUILD_FILE).is_file() and not complete
     is_empty = not output.exists() or not any(output.iterdir())
+    staged = _has_staged_rebuild(output)
 
     if mode == "overwrite":
         if not (complete or partial or is_empty):
@@ -188,12 +212,19 @@ def check_output_folder(output: Path, mode: str) -> None:
                                  "parent folder, or choose another --output")
         return
     if mode == "resume":
+        if staged:  # continue the rebuild of an interrupted --overwrite
+            return
         if complete:
             raise MiceIndexError(f"index {output} is already complete; nothing to resume "
                                  "(pass --overwrite to rebuild it)")
         if not partial:
             raise MiceIndexError(f"{output} contains no unfinished build to resume; drop --resume")
         return
+    if staged:
+        raise MiceIndexError(
+            f"an interrupted rebuild of {output} is in {staging_folder(output)}; pass --resume to "
+            "continue that rebuild, or --overwrite to start a new one"
+        )
     if complete:
         raise MiceIndexError(f"index {output} already exists; pass --overwrite to replace it")
     if partial:
@@ -204,26 +235,33 @@ def check_output_folder(output: Path, mode: str) -> None:
 
 
 def _prepare_folder(output: Path, mode: str, settings: dict[str, Any]) -> Path:
-    """Check ``output`` against ``mode`` and return the folder to build in."""
+    """Check ``output`` against ``mode`` and return the folder to build in: ``output`` itself,
+    or the staging folder of a rebuild."""
     check_output_folder(output, mode)
     if mode == "overwrite":
         # Build beside the old index and swap only once the new one is complete.
-        staging = output.with_name(f".{output.name}.building")
+        staging = staging_folder(output)
         if staging.exists():
+            logger.info("removing the earlier unfinished rebuild in %s", staging)
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
         _write_json_atomic(staging / BUILD_FILE, settings)
         return staging
     if mode == "resume":
-        previous = json.loads((output / BUILD_FILE).read_text())
+        folder = staging_folder(output) if _has_staged_rebuild(output) else output
+        if (folder / MANIFEST_FILE).is_file():
+            # Only a staged rebuild gets here complete: its build stopped before the swap, so
+            # there is nothing left to encode and no settings to compare.
+            return folder
+        previous = json.loads((folder / BUILD_FILE).read_text())
         changed = [f"{key}: {previous.get(key)!r} then, {settings[key]!r} now"
                    for key in settings if previous.get(key) != settings[key]]
         if changed:
             raise MiceIndexError(
-                f"cannot resume {output}: the build was started with other settings "
+                f"cannot resume {folder}: the build was started with other settings "
                 f"({'; '.join(changed)}). Resume with the original settings or pass --overwrite"
             )
-        return output
+        return folder
     output.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(output / BUILD_FILE, settings)
     return output
@@ -306,6 +344,9 @@ def build_index(
                 "on_duplicate": on_duplicate, "long_documents": long_documents,
                 "window_stride": window_stride}
     folder = _prepare_folder(output, mode, settings)
+    if folder != output and (folder / MANIFEST_FILE).is_file():
+        logger.info("the rebuild in %s is complete; moving it to %s", folder, output)
+        return _finish(folder, output, read_manifest(folder))
     try:
         return _build(documents, folder, output, model, record, settings, batch_size,
                       chunk_size, device, on_duplicate, window_stride, show_progress,
@@ -409,7 +450,7 @@ def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict
             if progress_callback is not None:
                 progress_callback(position)
     except OSError as error:
-        _raise_if_disk_full(error, folder)
+        _raise_if_disk_full(error, folder, output)
         raise
     finally:
         progress.close()
@@ -434,7 +475,7 @@ def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict
         storage_parts = write_storage(folder / STATES_FILE, folder, storage,
                                       show_progress=show_progress)
     except OSError as error:
-        _raise_if_disk_full(error, folder)
+        _raise_if_disk_full(error, folder, output)
         raise
     elapsed = time.perf_counter() - started
 
@@ -494,8 +535,14 @@ def _build(documents, folder: Path, output: Path, model: MiceModel, record: dict
     # The manifest marks the index complete, so the shards go only after it is written: a build
     # killed before this point still has every shard to resume from.
     _write_json_atomic(folder / MANIFEST_FILE, manifest)
-    (folder / BUILD_FILE).unlink()
-    shutil.rmtree(shard_folder)
+    return _finish(folder, output, manifest)
+
+
+def _finish(folder: Path, output: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Remove the build files of the complete index in ``folder`` and, for a rebuild, move it
+    to ``output``."""
+    (folder / BUILD_FILE).unlink(missing_ok=True)
+    shutil.rmtree(folder / SHARDS_DIR, ignore_errors=True)
     if folder != output:
         _swap_in(folder, output)
     return manifest
@@ -540,19 +587,87 @@ def _check_finite(states: list, documents: list[Document]) -> None:
         )
 
 
-def _raise_if_disk_full(error: OSError, folder: Path) -> None:
+def _raise_if_disk_full(error: OSError, folder: Path, output: Path) -> None:
     """Raise a DiskFullError with the resume hint when ``error`` is a full disk."""
     if error.errno not in (errno.ENOSPC, errno.EDQUOT):
         return
+    if folder != output:
+        raise DiskFullError(
+            f"disk full while rebuilding {output} in {folder} ({error.strerror}). {output} is "
+            f"unchanged, and the shards committed to {folder} are kept: free some space, then "
+            f"continue the rebuild with `mice index SOURCE --output {output} --resume`"
+        ) from error
     raise DiskFullError(
         f"disk full while building {folder} ({error.strerror}). The shards committed so far are "
         "kept: free some space, then rerun the same command with --resume"
     ) from error
 
 
+def interrupted_build_message(output: str | os.PathLike, mode: str) -> str:
+    """Describe what an interrupted :func:`build_index` call in ``mode`` left at ``output``,
+    and how to continue or discard it. The description comes from the folders as they are now,
+    so it is true wherever the interruption fell: while the model loaded, during encoding, or
+    between the end of a rebuild and its swap."""
+    output = Path(output)
+    if mode == "overwrite" or (mode == "resume" and _has_staged_rebuild(output)):
+        return _interrupted_rebuild_message(output, mode)
+    if (output / MANIFEST_FILE).is_file():
+        return f"the build had finished: the index at {output} is complete and usable"
+    if not (output / BUILD_FILE).is_file():
+        return f"nothing was written to {output}; rerun the same command"
+    if mode == "resume":
+        continuation = "rerun the same command"
+        restart = "with --overwrite in place of --resume"
+    else:
+        continuation = "rerun the same command plus --resume"
+        restart = "plus --overwrite"
+    return (f"the build at {output} is incomplete. Its {_shard_count(output)} committed shards "
+            f"are kept: to continue it, {continuation}. To start again, rerun the same command "
+            f"{restart}, or remove the folder with `{_remove_command(output)}`")
+
+
+def _interrupted_rebuild_message(output: Path, mode: str) -> str:
+    staging = staging_folder(output)
+    retired = _retired_folder(output)
+    if mode == "resume":
+        continuation = "rerun the same command"
+        restart = "rerun the same command with --overwrite in place of --resume"
+    else:
+        continuation = "rerun the same command with --resume in place of --overwrite"
+        restart = "rerun the same command"
+    if (output / MANIFEST_FILE).is_file():
+        current = f"the index at {output} is intact and still usable"
+    elif (retired / MANIFEST_FILE).is_file():
+        current = f"the old index was moved to {retired}, and nothing is at {output} now"
+    elif (output / BUILD_FILE).is_file():
+        current = f"the unfinished build at {output} is unchanged"
+    else:
+        current = f"nothing is at {output}"
+    if (staging / MANIFEST_FILE).is_file():
+        return (f"{current}. The rebuild in {staging} is complete but was not moved to {output}: "
+                f"to move it there, {continuation}. To discard it, remove it with "
+                f"`{_remove_command(staging)}`")
+    if (staging / BUILD_FILE).is_file():
+        return (f"{current}. The partial rebuild, {_shard_count(staging)} committed shards, is in "
+                f"{staging}: to continue it, {continuation}. To restart it, {restart}. To "
+                f"discard it, remove it with `{_remove_command(staging)}`")
+    leftover = (f" {staging} contains nothing to resume; remove it with "
+                f"`{_remove_command(staging)}`."
+                if staging.exists() else "")
+    return f"{current}, and no rebuild of it is in progress.{leftover}"
+
+
+def _remove_command(folder: Path) -> str:
+    return f"rm -r {shlex.quote(str(folder))}"
+
+
+def _shard_count(folder: Path) -> int:
+    return len(list((folder / SHARDS_DIR).glob("part-*.h5")))
+
+
 def _swap_in(staging: Path, output: Path) -> None:
     """Replace ``output`` by the complete index in ``staging``."""
-    retired = output.with_name(f".{output.name}.retired")
+    retired = _retired_folder(output)
     if retired.exists():
         shutil.rmtree(retired)
     if output.exists():

@@ -166,3 +166,48 @@ def test_eval_unknown_metric_fails_clearly(tmp_path):
     result = invoke("eval", run_file, "--qrels", shared_collection("adi"), "-m", "nDCG@ten")
     assert result.exit_code == 2
     assert "nDCG@ten" in result.output
+
+
+def test_interrupted_overwrite_hint_works(tiny_backbone, tmp_path, monkeypatch):
+    from mice_engine import indexing
+    from mice_engine.check import check_index
+
+    index = tmp_path / "adi"
+    staging = tmp_path / ".adi.building"
+    command = ["index", shared_collection("adi"), "--output", index, "--model", tiny_backbone,
+               "--merge-layer", "2", "--interaction-layers", "2", "--doc-max-length", "64",
+               "--chunk-size", "20", "--quiet"]
+    assert invoke(*command).exit_code == 0
+    manifest_before = (index / "manifest.json").read_bytes()
+
+    real_build_index = indexing.build_index
+
+    def build_and_interrupt(*args, **kwargs):
+        committed = []
+
+        def stop(position):
+            committed.append(position)
+            if len(committed) == 2:
+                raise KeyboardInterrupt
+
+        return real_build_index(*args, **kwargs, progress_callback=stop)
+
+    monkeypatch.setattr(indexing, "build_index", build_and_interrupt)
+    interrupted = invoke(*command, "--overwrite")
+    monkeypatch.undo()
+    assert interrupted.exit_code == 130
+    assert f"interrupted: the index at {index} is intact and still usable" in interrupted.output
+    assert f"2 committed shards, is in {staging}" in interrupted.output
+    assert "rerun the same command with --resume in place of --overwrite" in interrupted.output
+    assert f"rm -r {staging}" in interrupted.output
+    assert (index / "manifest.json").read_bytes() == manifest_before
+    assert check_index(index).problems == []
+    assert len(list((staging / "shards").glob("part-*.h5"))) == 2
+
+    resumed = invoke(*command, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert not staging.exists()
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["build"]["resumed_after_shards"] == 2
+    assert manifest["content_sha256"] == json.loads(manifest_before)["content_sha256"]
+    assert check_index(index).problems == []

@@ -108,6 +108,111 @@ def test_overwrite_replaces_only_when_complete(tiny_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
 
 
+def stop_after_shards(count, exception=Interrupt):
+    """A progress callback that raises ``exception`` once ``count`` shards are committed."""
+    calls = []
+
+    def stop(position):
+        calls.append(position)
+        if len(calls) == count:
+            raise exception
+
+    return stop
+
+
+def test_interrupted_overwrite_then_resume(tiny_model, tmp_path):
+    from mice_engine.check import check_index
+    from mice_engine.indexing import interrupted_build_message, staging_folder
+
+    adi = shared_collection("adi")
+    index = tmp_path / "index"
+    first = build_index(adi, index, model=tiny_model, chunk_size=20, show_progress=False)
+    with pytest.raises(Interrupt):
+        build_index(adi, index, model=tiny_model, chunk_size=20, mode="overwrite",
+                    show_progress=False, progress_callback=stop_after_shards(2))
+
+    staging = staging_folder(index)
+    assert staging == tmp_path / ".index.building"
+    assert read_manifest(index) == first
+    assert check_index(index).problems == []
+    assert (staging / BUILD_FILE).is_file()
+    assert len(list((staging / "shards").glob("part-*.h5"))) == 2
+    message = interrupted_build_message(index, "overwrite")
+    assert message.startswith(f"the index at {index} is intact and still usable. ")
+    assert f"The partial rebuild, 2 committed shards, is in {staging}" in message
+    assert "to continue it, rerun the same command with --resume in place of --overwrite" in message
+    assert "To restart it, rerun the same command." in message
+    assert f"`rm -r {staging}`" in message
+
+    with pytest.raises(MiceIndexError, match=f"interrupted rebuild of {index} is in {staging}; "
+                                             "pass --resume"):
+        build_index(adi, index, model=tiny_model, chunk_size=20, show_progress=False)
+    resumed = build_index(adi, index, model=tiny_model, chunk_size=20, mode="resume",
+                          show_progress=False)
+    assert resumed["build"]["resumed_after_shards"] == 2
+    assert read_manifest(index) == resumed
+    assert resumed["created"] >= first["created"]
+    assert resumed["states"]["sha256"] == first["states"]["sha256"]
+    assert resumed["content_sha256"] == first["content_sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    assert check_index(index).problems == []
+
+
+def test_resume_finishes_interrupted_swap(tiny_model, tmp_path, monkeypatch):
+    import os
+
+    from mice_engine import indexing
+
+    adi = shared_collection("adi")
+    index = tmp_path / "index"
+    first = build_index(adi, index, model=tiny_model, show_progress=False)
+
+    def interrupt(staging, output):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(indexing, "_swap_in", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(adi, index, model=tiny_model, mode="overwrite", show_progress=False)
+    monkeypatch.undo()
+    staging = indexing.staging_folder(index)
+    staged = read_manifest(staging)
+    assert read_manifest(index) == first
+    message = indexing.interrupted_build_message(index, "overwrite")
+    assert message.startswith(f"the index at {index} is intact and still usable. ")
+    assert f"The rebuild in {staging} is complete but was not moved to {index}" in message
+
+    # The swap's first rename moves the old index aside. An interruption right after it leaves
+    # no index at the output path.
+    retired = tmp_path / ".index.retired"
+    os.replace(index, retired)
+    message = indexing.interrupted_build_message(index, "overwrite")
+    assert message.startswith(f"the old index was moved to {retired}, and nothing is at {index}")
+    assert "to move it there, rerun the same command with --resume in place of --overwrite" in message
+
+    resumed = build_index(adi, index, model=tiny_model, mode="resume", show_progress=False)
+    assert resumed == staged
+    assert read_manifest(index) == staged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+def test_interrupt_message_for_build_in_place(tiny_model, tmp_path):
+    from mice_engine.indexing import interrupted_build_message
+
+    index = tmp_path / "index"
+    assert interrupted_build_message(index, "create") == (
+        f"nothing was written to {index}; rerun the same command")
+    with pytest.raises(Interrupt):
+        build_index(shared_collection("adi"), index, model=tiny_model, chunk_size=20,
+                    show_progress=False, progress_callback=stop_after_shards(3))
+    created = interrupted_build_message(index, "create")
+    assert created.startswith(f"the build at {index} is incomplete. Its 3 committed shards")
+    assert "to continue it, rerun the same command plus --resume" in created
+    assert "rerun the same command plus --overwrite" in created
+    resumed = interrupted_build_message(index, "resume")
+    assert "to continue it, rerun the same command." in resumed
+    assert "--overwrite in place of --resume" in resumed
+
+
 def test_interrupted_build_resumes_to_identical_index(tiny_model, tmp_path):
     adi = shared_collection("adi")
     clean = build_index(adi, tmp_path / "clean", model=tiny_model, chunk_size=20,
@@ -422,6 +527,35 @@ def test_full_disk_keeps_shards_for_resume(tiny_model, tmp_path, monkeypatch):
                            mode="resume", show_progress=False)
     assert manifest["counts"]["documents"] == 82
     assert manifest["build"]["resumed_after_shards"] == 2
+
+
+def test_full_disk_during_overwrite(tiny_model, tmp_path, monkeypatch):
+    import errno
+
+    from mice_engine import indexing
+
+    adi = shared_collection("adi")
+    index = tmp_path / "index"
+    first = build_index(adi, index, model=tiny_model, chunk_size=20, show_progress=False)
+    real_write = indexing.write_shard
+
+    def write_until_full(folder, number, *args):
+        if number == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(folder, number, *args)
+
+    monkeypatch.setattr(indexing, "write_shard", write_until_full)
+    with pytest.raises(MiceIndexError, match=f"{index} is unchanged.*`mice index SOURCE --output "
+                                             f"{index} --resume`"):
+        build_index(adi, index, model=tiny_model, chunk_size=20, mode="overwrite",
+                    show_progress=False)
+    monkeypatch.undo()
+    assert read_manifest(index) == first
+    assert len(list((tmp_path / ".index.building" / "shards").glob("part-*.h5"))) == 2
+    resumed = build_index(adi, index, model=tiny_model, chunk_size=20, mode="resume",
+                          show_progress=False)
+    assert resumed["build"]["resumed_after_shards"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
 
 
 def test_one_document_collection(tiny_model, tmp_path):
