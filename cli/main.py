@@ -532,7 +532,7 @@ def train(
 ) -> None:
     """Train a MICE model (or a cross-encoder baseline) and keep the best checkpoint."""
     _setup_logging(quiet)
-    from mice_engine.training import TrainingError, settings_with_preset
+    from mice_engine.training import CHECKPOINT_DIR, TrainingError, settings_with_preset
     from mice_engine.training import train as run_training
 
     try:
@@ -554,7 +554,12 @@ def train(
         )
         result = run_training(settings, resume=resume, progress=not quiet)
     except KeyboardInterrupt:
-        typer.echo(f"interrupted; continue with: mice train ... -o {output} --resume", err=True)
+        if (output / CHECKPOINT_DIR / "trainer.pt").is_file():
+            typer.echo(f"interrupted; continue with: mice train ... -o {output} --resume",
+                       err=True)
+        else:
+            typer.echo("interrupted before the first checkpoint, so there is nothing to resume; "
+                       "run the same command again to start over", err=True)
         raise typer.Exit(code=130) from None
     except (TrainingError, *_expected_errors()) as error:
         raise _fail(error) from None

@@ -886,7 +886,12 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
           stop_after: int | None = None) -> TrainResult:
     """Run (or resume) a training run; the best model by the dev metric is saved in
     ``output/model``. ``stop_after`` ends the call after that many steps of this call (used to
-    test resumption), leaving the checkpoint as a crash would."""
+    test resumption), leaving the checkpoint as a crash would.
+
+    The settings, the model and the data are checked and loaded before anything is written to
+    ``output``. A new run that fails or is interrupted before its first checkpoint deletes the
+    files it wrote, so the same call can start it again without ``resume``.
+    """
     settings.check()
     output = Path(settings.output)
     checkpoint_folder = output / CHECKPOINT_DIR
@@ -899,9 +904,9 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
                             f"({checkpoint_folder / 'trainer.pt'} is missing)")
     if saved is not None:
         _check_resume(saved["settings"], settings)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / SETTINGS_FILE).write_text(json.dumps(settings.to_dict(), indent=2) + "\n")
 
+    # Everything that can fail on the settings, the model or the data runs before anything is
+    # written to the output folder.
     random.seed(settings.seed)
     np.random.seed(settings.seed)
     torch.manual_seed(settings.seed)
@@ -961,7 +966,10 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
             triples.skip(saved["consumed"])
         logger.info("resumed %s at step %d of %d", output, step, settings.steps)
 
+    created_output = not output.exists()
+    _start_output(output, settings, fresh=saved is None)
     log_path = output / LOG_FILE
+    saved_best = False
     evaluations: list[dict[str, Any]] = []
     losses: list[float] = []
     started = time.perf_counter()
@@ -1028,9 +1036,11 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
                     best = {"step": step, "metric": settings.select_metric, "value": value,
                             "dev": metrics}
                     _save_model(model, settings, output / BEST_DIR, best, scale)
+                    saved_best = True
             elif not dev_indexes and step == settings.steps:
                 best = {"step": step, "metric": None, "value": None, "dev": None}
                 _save_model(model, settings, output / BEST_DIR, best, scale)
+                saved_best = True
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 consumed = triples.consumed if triples is not None else 0
                 save_checkpoint(checkpoint_folder, step=step, model=model, optimizer=optimizer,
@@ -1038,10 +1048,45 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
                                 scale=scale)
             if stop_after is not None and steps_this_call >= stop_after:
                 break
+    except BaseException:
+        # KeyboardInterrupt included: a new run that stops before its first checkpoint cannot
+        # be resumed, so it leaves nothing that looks like a started or finished run.
+        if saved is None and not (checkpoint_folder / "trainer.pt").is_file():
+            _remove_unfinished_run(output, remove_model=saved_best, remove_folder=created_output)
+        raise
     finally:
         if bar is not None:
             bar.close()
     return TrainResult(output, step, best, evaluations, time.perf_counter() - started, losses)
+
+
+def _start_output(output: Path, settings: TrainSettings, *, fresh: bool) -> None:
+    """Create the output folder and write the settings. A new run also deletes any log left
+    by a run that was killed before its first checkpoint, and so starts a new one."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / SETTINGS_FILE).write_text(json.dumps(settings.to_dict(), indent=2) + "\n")
+    if fresh:
+        (output / LOG_FILE).unlink(missing_ok=True)
+
+
+def _remove_unfinished_run(output: Path, *, remove_model: bool, remove_folder: bool) -> None:
+    """Delete what a new run wrote before its first checkpoint: the settings, the log, the
+    temporary files, the best model when this run saved it, and the output folder itself when
+    the run created it and it is now empty."""
+    for path in (output / SETTINGS_FILE, output / LOG_FILE,
+                 output / CHECKPOINT_DIR / "trainer.pt.tmp"):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(output / (BEST_DIR + ".tmp"), ignore_errors=True)
+    if remove_model:
+        shutil.rmtree(output / BEST_DIR, ignore_errors=True)
+    folders = [output / CHECKPOINT_DIR]
+    if remove_folder:
+        folders.append(output)
+    for folder in folders:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    logger.warning("training stopped before its first checkpoint; its files were removed from "
+                   "%s, so the same command can start it again", output)
 
 
 def _prepare_data(settings: TrainSettings, model: torch.nn.Module):
@@ -1057,14 +1102,16 @@ def _prepare_data(settings: TrainSettings, model: torch.nn.Module):
     if wants_triples:
         if settings.teacher_scores is not None:
             path = settings.teacher_scores
+            if not Path(path).is_file():
+                raise TrainingError(f"--teacher-scores {path}: file not found; pass the path of "
+                                    "a teacher-score TSV")
             triples = TripleStream(lambda: read_teacher_triples(path))
         elif irds_id is not None and settings.teacher is not None:
             triples = _teacher_stream(settings, irds_id)
-        elif settings.teacher is not None:
-            triples = None  # triples built from the collection's judgments, scored by the teacher
         else:
-            raise TrainingError("--loss margin-mse needs teacher scores: pass --teacher-scores "
-                                "FILE (MS MARCO layout) or --teacher MODEL")
+            # TrainSettings.check ensured a teacher: it scores triples drawn from the
+            # collection's judgments.
+            triples = None
         if settings.dev is None and triples is not None:
             return None, None, None, triples
     index = None

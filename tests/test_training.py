@@ -464,6 +464,139 @@ def test_mice_train_and_export_commands(tiny_backbone, collection, tmp_path):
     assert MiceModel.load(tmp_path / "shipped").config.trained
 
 
+def tiny_command(tiny_backbone, collection, output, *options: str) -> list[str]:
+    return ["train", str(collection), "-o", str(output), "--backbone", str(tiny_backbone),
+            "--merge-layer", "2", "--interaction-layers", "2", "--batch-size", "2",
+            "--group-size", "3", "--dev-queries", "2", "--eval-candidates", "4",
+            "--negatives-depth", "4", "--quiet", *options]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--dev-queries", "-1"], "dev-queries=-1 is invalid: it must be 0 or more"),
+    (["--steps", "5", "--warmup-steps", "5"], "--warmup-steps below 5"),
+    (["--loss", "margin-mse", "--teacher-scores", "teacher.tsv", "--freeze-lower"],
+     "--train-lower"),
+    (["--mask", "mask2"], "--architecture cross-encoder"),
+])
+def test_invalid_train_command_writes_nothing(tiny_backbone, collection, tmp_path, options,
+                                              message):
+    output = tmp_path / "run"
+    result = CliRunner().invoke(app, tiny_command(tiny_backbone, collection, output, *options))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not output.exists()
+
+
+def test_failed_setup_writes_nothing(tiny_backbone, collection, tmp_path):
+    # Each of these fails once the model or the data loads, which is before the output is
+    # written to; an existing empty folder stays empty.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ({"train": str(tmp_path / "missing")}, "missing"),
+        ({"dev_queries": len(QUERIES)}, "leaves no training query"),
+        ({"loss": "margin-mse", "teacher_scores": str(tmp_path / "none.tsv")}, "none.tsv"),
+        ({"freeze_lower": True, "states_from": str(tmp_path / "no-index")}, "no-index"),
+    ]
+    for changes, message in cases:
+        for output in (tmp_path / "run", empty):
+            settings = tiny_settings(tiny_backbone, collection, output, **changes)
+            with pytest.raises(Exception, match=message):
+                train(settings, progress=False)
+            assert not (tmp_path / "run").exists(), changes
+            assert list(empty.iterdir()) == [], changes
+
+
+def teacher_lines(count: int) -> list[str]:
+    return [f"{9 - i}\t{i}\tgene protein\t{DOCUMENTS['d1']}\t{DOCUMENTS[f'd{i + 2}']}"
+            for i in range(count)]
+
+
+def test_run_failing_before_first_checkpoint_can_run_again(tiny_backbone, collection, tmp_path):
+    # Steps 1 and 2 read the first four triples; step 3 reaches the malformed fifth line.
+    teacher = tmp_path / "teacher.tsv"
+    teacher.write_text("\n".join([*teacher_lines(4), "9\t1\tonly a query"]) + "\n")
+    output = tmp_path / "run"
+    settings = tiny_settings(tiny_backbone, collection, output, loss="margin-mse",
+                             teacher_scores=str(teacher), checkpoint_every=10)
+    with pytest.raises(TrainingError, match="teacher.tsv:5"):
+        train(settings, progress=False)
+    assert not output.exists()
+
+    teacher.write_text("\n".join(teacher_lines(6)) + "\n")
+    result = train(settings, progress=False)
+    assert result.steps == 4
+    log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in log] == [1, 2, 3, 4]
+    assert json.loads((output / "train_settings.json").read_text())["loss"] == "margin-mse"
+    assert load_checkpoint(output / "checkpoint")["step"] == 4
+
+
+def test_interrupt_before_first_checkpoint_removes_the_run(tiny_backbone, collection, tmp_path,
+                                                           monkeypatch):
+    from mice_engine import training
+
+    output = tmp_path / "run"
+    append_log = training._append_log
+    model_at_interrupt = []
+
+    def interrupt_at_step_three(path, record):
+        append_log(path, record)
+        if record.get("step") == 3:
+            model_at_interrupt.append((output / "model" / "mice_config.json").is_file())
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_append_log", interrupt_at_step_three)
+    command = tiny_command(tiny_backbone, collection, output, "--steps", "4", "--eval-every", "1",
+                           "--checkpoint-every", "10")
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 130, result.output
+    assert "nothing to resume" in result.output
+    assert model_at_interrupt == [True]
+    assert not output.exists()
+
+    monkeypatch.undo()
+    again = CliRunner().invoke(app, command)
+    assert again.exit_code == 0, again.output
+    assert (output / "model" / "mice_config.json").is_file()
+    assert load_checkpoint(output / "checkpoint")["step"] == 4
+
+
+def test_interrupt_after_a_checkpoint_keeps_the_run(tiny_backbone, collection, tmp_path,
+                                                    monkeypatch):
+    from mice_engine import training
+
+    output = tmp_path / "run"
+    append_log = training._append_log
+
+    def interrupt_at_step_three(path, record):
+        append_log(path, record)
+        if record.get("step") == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_append_log", interrupt_at_step_three)
+    command = tiny_command(tiny_backbone, collection, output, "--steps", "4",
+                           "--checkpoint-every", "2")
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 130, result.output
+    assert "--resume" in result.output
+    assert load_checkpoint(output / "checkpoint")["step"] == 2
+    assert (output / "train_settings.json").is_file()
+
+
+def test_new_run_replaces_a_stale_log(tiny_backbone, collection, tmp_path):
+    # What a run killed before its first checkpoint (no cleanup possible) leaves behind.
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    (output / "train_settings.json").write_text("{}\n")
+    settings = tiny_settings(tiny_backbone, collection, output, steps=2, dev_queries=0)
+    result = train(settings, progress=False)
+    log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    assert [record["loss"] for record in log] == [round(loss, 6) for loss in result.losses]
+    assert json.loads((output / "train_settings.json").read_text())["steps"] == 2
+
+
 def test_training_split_without_judgments_is_a_clear_error(tiny_backbone, collection, tmp_path):
     settings = tiny_settings(tiny_backbone, collection, tmp_path / "run", split="dev")
     with pytest.raises(Exception, match="dev"):
