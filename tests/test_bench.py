@@ -645,3 +645,43 @@ def test_bench_reports_invalid_arguments(tmp_path):
     result = runner.invoke(app, ["bench", str(SMOKE), "--model", "mice"])
     assert result.exit_code == 2
     assert "--model 'mice' is invalid; write it as NAME=VALUE" in result.output
+
+
+def test_system_warm_up_is_not_timed(smoke, tiny_mice, adi_slice, monkeypatch):
+    import time
+
+    from mice_engine import encoding
+    from mice_engine.bench.suite import SystemSpec
+    from mice_engine.bench.systems import run_system
+    from mice_engine.search import Searcher
+    from mice_engine.sources import read_queries
+
+    record, _, _ = smoke
+    collection = record["collections"]["adi"]
+
+    # The first query encoding is slow, as a model's first call is, so the warm-up must absorb it.
+    encoded = []
+    encode_query = encoding.encode_query
+
+    def slow_first_call(model, text):
+        encoded.append(text)
+        if len(encoded) == 1:
+            time.sleep(0.3)
+        return encode_query(model, text)
+
+    monkeypatch.setattr(encoding, "encode_query", slow_first_call)
+    queries = read_queries(adi_slice, split="test")[:4]
+    searcher = Searcher(collection["indexes"][collection["base_index"]]["path"], model=tiny_mice,
+                        device="cpu")
+    try:
+        outcome = run_system(SystemSpec("bm25>mice", reranker="mice", model="mice"), searcher,
+                             queries, 100, device="cpu")
+    finally:
+        searcher.close()
+    assert encoded == [queries[0].text, *[query.text for query in queries]]
+    assert len(outcome.timings) == len(queries)
+    assert list(outcome.run) == [query.id for query in queries]
+    assert outcome.warm_up_seconds >= 0.3
+    assert max(timing["query_encoding"] for timing in outcome.timings) < 0.3
+    for name, system in collection["systems"].items():
+        assert system["warm_up_seconds"] > 0, name
