@@ -202,6 +202,13 @@ def test_suite_defaults():
     ({"system_max_queries": -1}, "max_queries must be 0"),
     ({"system_name": "bm25"}, "two systems are named 'bm25'"),
     ({"system_candidate": 100}, "unknown key 'candidate'"),
+    ({"efficiency": {"bare_forward_documents": -1}},
+     "bare_forward_documents must be 0 (no probe) or more, got -1"),
+    ({"efficiency": {"interaction_queries": -2}},
+     "interaction_queries must be 0 (no probe) or more, got -2"),
+    ({"efficiency": {"interaction_candidates": 0}},
+     "interaction_candidates must be at least 1, got 0"),
+    ({"efficiency": {"matmul_size": -5}}, "matmul_size must be at least 1, got -5"),
 ])
 def test_suite_rejects_invalid_values(changes, message):
     with pytest.raises(BenchError) as error:
@@ -241,6 +248,18 @@ def test_system_selection_keeps_suite_order():
     assert [system.name for system in suite.systems] == ["bm25", "bm25>ce"]
     with pytest.raises(BenchError, match=r"no system named \['colbert'\]"):
         parse_suite(values, systems=["colbert"])
+
+
+def test_efficiency_probes_can_be_turned_off():
+    suite = parse_suite(suite_with(efficiency={"bare_forward_documents": 0,
+                                               "interaction_queries": 0}))
+    assert suite.efficiency.bare_forward_documents == 0
+    assert suite.efficiency.interaction_queries == 0
+
+
+def test_negative_max_queries_is_rejected():
+    with pytest.raises(BenchError, match="max_queries=-3 is invalid: it must be 0"):
+        parse_suite(suite_with(), max_queries=-3)
 
 
 def test_max_queries_keeps_smaller_system_limits():
