@@ -509,13 +509,13 @@ def train(
     teacher_scores: Annotated[Path | None, typer.Option(help="Teacher-score TSV in the MS MARCO layout: pos_score, neg_score, query, positive, negative.")] = None,
     teacher: Annotated[str | None, typer.Option(help="Model folder that scores triples on the fly for margin-mse.")] = None,
     split: Annotated[str | None, typer.Option(help="Split whose queries and judgments train (default: train).")] = None,
-    dev_queries: Annotated[int | None, typer.Option(help="Training queries held out (seeded) for periodic evaluation (default: 100).")] = None,
+    dev_queries: Annotated[int | None, typer.Option(help="Training queries held out (seeded) for periodic evaluation. With 0, nothing is evaluated and the model of the last step is kept (default: 100).")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: 1000).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Queries (listwise) or triples (margin-mse) per step (default: 8).")] = None,
     group_size: Annotated[int | None, typer.Option(help="Listwise group: one positive and group-size - 1 negatives (default: 8).")] = None,
     accumulation: Annotated[int | None, typer.Option(help="Batches whose gradients add up before each step (default: 1).")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate of AdamW (default: 2e-5).")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps; linear decay follows (default: 100).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Steps of linear warm-up before the linear decay, fewer than --steps (default: 10% of --steps, rounded, at most 100, or the preset's value when that is below --steps).")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (default: 0.01).")] = None,
     max_grad_norm: Annotated[float | None, typer.Option(help="Gradient clipping norm (default: 1.0).")] = None,
     negatives_depth: Annotated[int | None, typer.Option(help="Hard negatives come from this many top BM25 documents (default: 100).")] = None,
@@ -523,7 +523,7 @@ def train(
     states_from: Annotated[Path | None, typer.Option(help="With --freeze-lower: read document states from this index (same lower layers) instead of computing them.")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Steps between evaluations on the held-out queries (default: 200).")] = None,
     eval_candidates: Annotated[int | None, typer.Option(help="BM25 candidates re-ranked per held-out query (default: 100).")] = None,
-    select_metric: Annotated[str | None, typer.Option(help="Dev metric that picks the best checkpoint: nDCG@10 or RR@10 (default: nDCG@10).")] = None,
+    select_metric: Annotated[str | None, typer.Option(help="Dev metric that picks the best checkpoint: nDCG@10, RR@10 or R@N with N the --eval-candidates (default: nDCG@10).")] = None,
     fuse_first_stage: Annotated[bool | None, typer.Option("--fuse-first-stage/--no-fuse-first-stage", help="Tune a BM25 blend weight on the held-out queries, select checkpoints by the blend, and save the weight with the model.")] = None,
     first_stage_feature: Annotated[bool | None, typer.Option("--first-stage-feature/--no-first-stage-feature", help="Train the sum of the MICE score and a learnt scale times the BM25 score, so that MICE learns what BM25 misses; search adds the same term.")] = None,
     distill_teacher: Annotated[str | None, typer.Option(help="Listwise: also distil the scores of a bi-encoder (cosine of mean-pooled embeddings) over each group; 'backbone' (the backbone's own sentence embeddings), a folder or a Hugging Face id.")] = None,
@@ -538,7 +538,7 @@ def train(
 ) -> None:
     """Train a MICE model (or a cross-encoder baseline) and keep the best checkpoint."""
     _setup_logging(quiet)
-    from mice_engine.training import TrainingError, settings_with_preset
+    from mice_engine.training import CHECKPOINT_DIR, TrainingError, settings_with_preset
     from mice_engine.training import train as run_training
 
     try:
@@ -560,7 +560,12 @@ def train(
         )
         result = run_training(settings, resume=resume, progress=not quiet)
     except KeyboardInterrupt:
-        typer.echo(f"interrupted; continue with: mice train ... -o {output} --resume", err=True)
+        if (output / CHECKPOINT_DIR / "trainer.pt").is_file():
+            typer.echo(f"interrupted; continue with: mice train ... -o {output} --resume",
+                       err=True)
+        else:
+            typer.echo("interrupted before the first checkpoint, so there is nothing to resume; "
+                       "run the same command again to start over", err=True)
         raise typer.Exit(code=130) from None
     except (TrainingError, *_expected_errors()) as error:
         raise _fail(error) from None

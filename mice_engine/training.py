@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cross_encoder import MASKS
 from .encoding import pad, tokenize
 from .model import MiceModel, ModelError
 
@@ -52,6 +53,8 @@ LOG_FILE = "train_log.jsonl"
 SETTINGS_FILE = "train_settings.json"
 ARCHITECTURES = ("mice", "cross-encoder")
 LOSSES = ("listwise", "margin-mse")
+# Maximum warm-up, in steps, of a run whose warm-up neither --warmup-steps nor a preset sets.
+DEFAULT_WARMUP_STEPS = 100
 
 # Named settings. "paper" is the authors' recipe (MS MARCO triples with teacher margins);
 # "scifact-cpu" is the recipe of the model shipped with mice-engine.
@@ -122,7 +125,8 @@ class TrainSettings:
     accumulation: int = 1
     steps: int = 1000
     learning_rate: float = 2e-5
-    warmup_steps: int = 100
+    # None: default_warmup_steps(steps), resolved when the settings are created.
+    warmup_steps: int | None = None
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -152,32 +156,129 @@ class TrainSettings:
     preset: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.warmup_steps is None:
+            self.warmup_steps = default_warmup_steps(self.steps)
+
     def check(self) -> None:
+        """Raise TrainingError for a value or a combination of options that cannot train.
+
+        Everything that can be decided from the settings alone is checked here, so that a bad
+        command fails before it loads a model or writes to the output folder.
+        """
+        self._check_choices()
+        self._check_numbers()
+        self._check_combinations()
+
+    def _check_choices(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise TrainingError(f"architecture {self.architecture!r} is unknown; use one of "
                                 f"{', '.join(ARCHITECTURES)}")
         if self.loss not in LOSSES:
             raise TrainingError(f"loss {self.loss!r} is unknown; use one of {', '.join(LOSSES)}")
+        if self.mask not in MASKS:
+            raise TrainingError(f"mask {self.mask!r} is unknown; use one of {', '.join(MASKS)}")
+        if self.precision not in ("auto", "float32", "bf16", "fp16"):
+            raise TrainingError(f"precision {self.precision!r} is unknown; use auto, float32, "
+                                "bf16 or fp16")
+        metrics = ("nDCG@10", "RR@10", f"R@{self.eval_candidates}")
+        if self.select_metric not in metrics:
+            raise TrainingError(f"select-metric {self.select_metric!r} is unknown; use one of "
+                                f"{', '.join(metrics)} (the metrics of each evaluation)")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise TrainingError(f"device {self.device!r} is invalid; use cpu, cuda, cuda:N "
+                                    "or auto") from None
+
+    def _check_numbers(self) -> None:
+        minimums = {"batch_size": 1, "accumulation": 1, "steps": 1, "dev_queries": 0,
+                    "eval_every": 1, "eval_candidates": 1, "checkpoint_every": 1,
+                    "negatives_depth": 1}
+        if self.architecture == "mice":
+            minimums.update(merge_layer=1, interaction_layers=1)
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            if value < minimum:
+                rule = "0 or more" if minimum == 0 else f"at least {minimum}"
+                raise TrainingError(f"{name.replace('_', '-')}={value} is invalid: it must be "
+                                    f"{rule}")
+
+        for name in ("query_max_length", "doc_max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 3:
+                raise TrainingError(f"{name.replace('_', '-')}={value} is invalid: it must be at "
+                                    "least 3 ([CLS], one token and [SEP])")
+
+        if not 0 <= self.seed < 2**32:
+            raise TrainingError(f"seed={self.seed} is invalid: it must be between 0 and 2**32 - 1")
+        if self.loss == "listwise" and self.group_size < 2:
+            raise TrainingError(f"group-size={self.group_size} is invalid: it must be at least 2, "
+                                "because the listwise loss needs a positive and at least one "
+                                "negative")
+
+        if self.warmup_steps < 0:
+            raise TrainingError(f"warmup-steps={self.warmup_steps} is invalid: it must be 0 or "
+                                "more")
+        if self.warmup_steps >= self.steps:
+            raise TrainingError(
+                f"warmup-steps={self.warmup_steps} is invalid with steps={self.steps}: the "
+                f"warm-up must end before the last step. Pass --warmup-steps below {self.steps} "
+                "(or leave it out for a warm-up of 10% of the steps), or raise --steps above "
+                f"{self.warmup_steps}")
+
+        if self.learning_rate <= 0:
+            raise TrainingError(f"learning-rate={self.learning_rate} is invalid: it must be "
+                                "above 0")
+        if self.weight_decay < 0:
+            raise TrainingError(f"weight-decay={self.weight_decay} is invalid: it must be 0 or "
+                                "more")
+        if self.max_grad_norm <= 0:
+            raise TrainingError(f"max-grad-norm={self.max_grad_norm} is invalid: it must be "
+                                "above 0")
+        if self.distill_weight < 0:
+            raise TrainingError(f"distill-weight={self.distill_weight} is invalid: it must be "
+                                "0 or more")
+        if self.distill_temperature <= 0:
+            raise TrainingError(f"distill-temperature={self.distill_temperature} is invalid: it "
+                                "must be above 0")
+
+    def _check_combinations(self) -> None:
         if self.freeze_lower and self.architecture != "mice":
             raise TrainingError("--freeze-lower applies to MICE only: a cross-encoder has no "
                                 "document states to precompute")
         if self.states_from and not self.freeze_lower:
             raise TrainingError("--states-from needs --freeze-lower: stored states come from the "
                                 "backbone's lower layers, which must then stay fixed")
-        for name in ("batch_size", "accumulation", "steps", "dev_queries", "eval_every",
-                     "eval_candidates", "checkpoint_every", "negatives_depth"):
-            if getattr(self, name) < (0 if name == "dev_queries" else 1):
-                raise TrainingError(f"{name.replace('_', '-')}={getattr(self, name)} is invalid: "
-                                    "it must be positive")
-        if self.loss == "listwise" and self.group_size < 2:
-            raise TrainingError(f"group-size={self.group_size} is invalid: the listwise loss needs "
-                                "a positive and at least one negative")
-        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            raise TrainingError(f"warmup-steps={self.warmup_steps} must be between 0 and "
-                                f"steps={self.steps}; pass --warmup-steps with a value in "
-                                "that range")
-        if self.learning_rate <= 0:
-            raise TrainingError(f"learning-rate={self.learning_rate} must be positive")
+        if self.mask != "none" and self.architecture == "mice":
+            raise TrainingError(f"--mask {self.mask} applies to --architecture cross-encoder; "
+                                "MICE has its own masks, so drop --mask")
+        if self.mask == "mask3" and (self.mask3_layers is None or self.mask3_layers < 1):
+            raise TrainingError(f"--mask mask3 needs --mask3-layers of at least 1, got "
+                                f"{self.mask3_layers}; for k = 0 use --mask mask2")
+        if self.mask != "mask3" and self.mask3_layers is not None:
+            raise TrainingError(f"--mask3-layers {self.mask3_layers} applies to --mask mask3 only, "
+                                f"but the mask is {self.mask}; drop --mask3-layers or pass "
+                                "--mask mask3")
+        if self.loss == "margin-mse":
+            if self.teacher_scores is None and self.teacher is None:
+                raise TrainingError("--loss margin-mse needs teacher scores: pass --teacher-scores "
+                                    "FILE (MS MARCO layout) or --teacher MODEL")
+            if self.teacher_scores is not None and self.teacher is not None:
+                raise TrainingError("--teacher-scores and --teacher are two sources of teacher "
+                                    "scores for margin-mse; pass one")
+            if self.freeze_lower:
+                raise TrainingError("--freeze-lower does not work with --loss margin-mse: teacher "
+                                    "triples carry texts, not indexed documents whose states can "
+                                    "be computed once. Pass --train-lower, or use --loss "
+                                    "listwise")
+        else:
+            for option, value in (("--teacher-scores", self.teacher_scores),
+                                  ("--teacher", self.teacher)):
+                if value is not None:
+                    raise TrainingError(f"{option} applies to --loss margin-mse, but the loss is "
+                                        f"{self.loss}; pass --loss margin-mse or drop {option}")
         if self.first_stage_feature and self.fuse_first_stage:
             raise TrainingError("--first-stage-feature and --fuse-first-stage are two ways to use "
                                 "BM25; choose one")
@@ -187,15 +288,6 @@ class TrainSettings:
         if self.distill_teacher is not None and self.loss != "listwise":
             raise TrainingError("--distill-teacher adds to the listwise loss; use --loss listwise "
                                 "(margin-mse takes its teacher from --teacher)")
-        if self.distill_weight < 0:
-            raise TrainingError(f"distill-weight={self.distill_weight} is invalid: it must be "
-                                "at least 0")
-        if self.distill_temperature <= 0:
-            raise TrainingError(f"distill-temperature={self.distill_temperature} is invalid: it "
-                                "must be above 0")
-        if self.precision not in ("auto", "float32", "bf16", "fp16"):
-            raise TrainingError(f"precision {self.precision!r} is unknown; use auto, float32, "
-                                "bf16 or fp16")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -206,8 +298,22 @@ class TrainSettings:
         return cls(**{key: value for key, value in values.items() if key in names})
 
 
+def default_warmup_steps(steps: int) -> int:
+    """Return the warm-up of a run whose settings name none: a tenth of ``steps``, rounded to
+    the nearest step (halves up), at most DEFAULT_WARMUP_STEPS.
+
+    The result is 0 below 5 steps and always below ``steps``, so any ``steps`` of 1 or more
+    is valid without ``--warmup-steps``.
+    """
+    return max(0, min(DEFAULT_WARMUP_STEPS, (steps + 5) // 10))
+
+
 def settings_with_preset(preset: str | None, **values: Any) -> TrainSettings:
-    """Build settings from a preset's values, overridden by every value that is not None."""
+    """Build settings from a preset's values, overridden by every value that is not None.
+
+    A preset's warm-up is kept unless the steps, overridden, no longer exceed it. The warm-up
+    then follows :func:`default_warmup_steps`, as it does without a preset.
+    """
     merged: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
@@ -215,6 +321,9 @@ def settings_with_preset(preset: str | None, **values: Any) -> TrainSettings:
         merged.update(PRESETS[preset])
         merged["preset"] = preset
     merged.update({key: value for key, value in values.items() if value is not None})
+    warmup_from_preset = values.get("warmup_steps") is None and "warmup_steps" in merged
+    if warmup_from_preset and merged["warmup_steps"] >= merged.get("steps", math.inf):
+        del merged["warmup_steps"]
     settings = TrainSettings.from_dict(merged)
     settings.check()
     return settings
@@ -423,8 +532,6 @@ class TripleStream:
 def build_model(settings: TrainSettings) -> torch.nn.Module:
     """A fresh model to train, from the backbone."""
     if settings.architecture == "mice":
-        if settings.mask != "none":
-            raise TrainingError("--mask applies to the cross-encoder; MICE has its own masks")
         return MiceModel.from_backbone(
             settings.backbone, merge_layer=settings.merge_layer,
             interaction_layers=settings.interaction_layers,
@@ -779,7 +886,12 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
           stop_after: int | None = None) -> TrainResult:
     """Run (or resume) a training run; the best model by the dev metric is saved in
     ``output/model``. ``stop_after`` ends the call after that many steps of this call (used to
-    test resumption), leaving the checkpoint as a crash would."""
+    test resumption), leaving the checkpoint as a crash would.
+
+    The settings, the model and the data are checked and loaded before anything is written to
+    ``output``. A new run that fails or is interrupted before its first checkpoint deletes the
+    files it wrote, so the same call can start it again without ``resume``.
+    """
     settings.check()
     output = Path(settings.output)
     checkpoint_folder = output / CHECKPOINT_DIR
@@ -792,9 +904,9 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
                             f"({checkpoint_folder / 'trainer.pt'} is missing)")
     if saved is not None:
         _check_resume(saved["settings"], settings)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / SETTINGS_FILE).write_text(json.dumps(settings.to_dict(), indent=2) + "\n")
 
+    # Everything that can fail on the settings, the model or the data runs before anything is
+    # written to the output folder.
     random.seed(settings.seed)
     np.random.seed(settings.seed)
     torch.manual_seed(settings.seed)
@@ -854,7 +966,10 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
             triples.skip(saved["consumed"])
         logger.info("resumed %s at step %d of %d", output, step, settings.steps)
 
+    created_output = not output.exists()
+    _start_output(output, settings, fresh=saved is None)
     log_path = output / LOG_FILE
+    saved_best = False
     evaluations: list[dict[str, Any]] = []
     losses: list[float] = []
     started = time.perf_counter()
@@ -921,9 +1036,11 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
                     best = {"step": step, "metric": settings.select_metric, "value": value,
                             "dev": metrics}
                     _save_model(model, settings, output / BEST_DIR, best, scale)
+                    saved_best = True
             elif not dev_indexes and step == settings.steps:
                 best = {"step": step, "metric": None, "value": None, "dev": None}
                 _save_model(model, settings, output / BEST_DIR, best, scale)
+                saved_best = True
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 consumed = triples.consumed if triples is not None else 0
                 save_checkpoint(checkpoint_folder, step=step, model=model, optimizer=optimizer,
@@ -931,10 +1048,45 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
                                 scale=scale)
             if stop_after is not None and steps_this_call >= stop_after:
                 break
+    except BaseException:
+        # KeyboardInterrupt included: a new run that stops before its first checkpoint cannot
+        # be resumed, so it leaves nothing that looks like a started or finished run.
+        if saved is None and not (checkpoint_folder / "trainer.pt").is_file():
+            _remove_unfinished_run(output, remove_model=saved_best, remove_folder=created_output)
+        raise
     finally:
         if bar is not None:
             bar.close()
     return TrainResult(output, step, best, evaluations, time.perf_counter() - started, losses)
+
+
+def _start_output(output: Path, settings: TrainSettings, *, fresh: bool) -> None:
+    """Create the output folder and write the settings. A new run also deletes any log left
+    by a run that was killed before its first checkpoint, and so starts a new one."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / SETTINGS_FILE).write_text(json.dumps(settings.to_dict(), indent=2) + "\n")
+    if fresh:
+        (output / LOG_FILE).unlink(missing_ok=True)
+
+
+def _remove_unfinished_run(output: Path, *, remove_model: bool, remove_folder: bool) -> None:
+    """Delete what a new run wrote before its first checkpoint: the settings, the log, the
+    temporary files, the best model when this run saved it, and the output folder itself when
+    the run created it and it is now empty."""
+    for path in (output / SETTINGS_FILE, output / LOG_FILE,
+                 output / CHECKPOINT_DIR / "trainer.pt.tmp"):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(output / (BEST_DIR + ".tmp"), ignore_errors=True)
+    if remove_model:
+        shutil.rmtree(output / BEST_DIR, ignore_errors=True)
+    folders = [output / CHECKPOINT_DIR]
+    if remove_folder:
+        folders.append(output)
+    for folder in folders:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    logger.warning("training stopped before its first checkpoint; its files were removed from "
+                   "%s, so the same command can start it again", output)
 
 
 def _prepare_data(settings: TrainSettings, model: torch.nn.Module):
@@ -950,14 +1102,16 @@ def _prepare_data(settings: TrainSettings, model: torch.nn.Module):
     if wants_triples:
         if settings.teacher_scores is not None:
             path = settings.teacher_scores
+            if not Path(path).is_file():
+                raise TrainingError(f"--teacher-scores {path}: file not found; pass the path of "
+                                    "a teacher-score TSV")
             triples = TripleStream(lambda: read_teacher_triples(path))
         elif irds_id is not None and settings.teacher is not None:
             triples = _teacher_stream(settings, irds_id)
-        elif settings.teacher is not None:
-            triples = None  # triples built from the collection's judgments, scored by the teacher
         else:
-            raise TrainingError("--loss margin-mse needs teacher scores: pass --teacher-scores "
-                                "FILE (MS MARCO layout) or --teacher MODEL")
+            # TrainSettings.check ensured a teacher: it scores triples drawn from the
+            # collection's judgments.
+            triples = None
         if settings.dev is None and triples is not None:
             return None, None, None, triples
     index = None
@@ -1044,9 +1198,6 @@ def _batch_loss(settings: TrainSettings, scorer: PairScorer, collection: Labelle
     batch = triples.take(settings.batch_size)
     queries = [t.query for t in batch] * 2
     documents = [t.positive for t in batch] + [t.negative for t in batch]
-    if scorer.cache is not None:
-        raise TrainingError("--freeze-lower with --loss margin-mse is not supported: teacher "
-                            "triples carry texts, not indexed documents")
     scores = scorer(queries, documents).float()
     positive, negative = scores[: len(batch)], scores[len(batch) :]
     device = scores.device

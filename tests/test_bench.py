@@ -202,6 +202,13 @@ def test_suite_defaults():
     ({"system_max_queries": -1}, "max_queries must be 0"),
     ({"system_name": "bm25"}, "two systems are named 'bm25'"),
     ({"system_candidate": 100}, "unknown key 'candidate'"),
+    ({"efficiency": {"bare_forward_documents": -1}},
+     "bare_forward_documents must be 0 (no probe) or more, got -1"),
+    ({"efficiency": {"interaction_queries": -2}},
+     "interaction_queries must be 0 (no probe) or more, got -2"),
+    ({"efficiency": {"interaction_candidates": 0}},
+     "interaction_candidates must be at least 1, got 0"),
+    ({"efficiency": {"matmul_size": -5}}, "matmul_size must be at least 1, got -5"),
 ])
 def test_suite_rejects_invalid_values(changes, message):
     with pytest.raises(BenchError) as error:
@@ -241,6 +248,18 @@ def test_system_selection_keeps_suite_order():
     assert [system.name for system in suite.systems] == ["bm25", "bm25>ce"]
     with pytest.raises(BenchError, match=r"no system named \['colbert'\]"):
         parse_suite(values, systems=["colbert"])
+
+
+def test_efficiency_probes_can_be_turned_off():
+    suite = parse_suite(suite_with(efficiency={"bare_forward_documents": 0,
+                                               "interaction_queries": 0}))
+    assert suite.efficiency.bare_forward_documents == 0
+    assert suite.efficiency.interaction_queries == 0
+
+
+def test_negative_max_queries_is_rejected():
+    with pytest.raises(BenchError, match="max_queries=-3 is invalid: it must be 0"):
+        parse_suite(suite_with(), max_queries=-3)
 
 
 def test_max_queries_keeps_smaller_system_limits():
@@ -645,3 +664,43 @@ def test_bench_reports_invalid_arguments(tmp_path):
     result = runner.invoke(app, ["bench", str(SMOKE), "--model", "mice"])
     assert result.exit_code == 2
     assert "--model 'mice' is invalid; write it as NAME=VALUE" in result.output
+
+
+def test_system_warm_up_is_not_timed(smoke, tiny_mice, adi_slice, monkeypatch):
+    import time
+
+    from mice_engine import encoding
+    from mice_engine.bench.suite import SystemSpec
+    from mice_engine.bench.systems import run_system
+    from mice_engine.search import Searcher
+    from mice_engine.sources import read_queries
+
+    record, _, _ = smoke
+    collection = record["collections"]["adi"]
+
+    # The first query encoding is slow, as a model's first call is, so the warm-up must absorb it.
+    encoded = []
+    encode_query = encoding.encode_query
+
+    def slow_first_call(model, text):
+        encoded.append(text)
+        if len(encoded) == 1:
+            time.sleep(0.3)
+        return encode_query(model, text)
+
+    monkeypatch.setattr(encoding, "encode_query", slow_first_call)
+    queries = read_queries(adi_slice, split="test")[:4]
+    searcher = Searcher(collection["indexes"][collection["base_index"]]["path"], model=tiny_mice,
+                        device="cpu")
+    try:
+        outcome = run_system(SystemSpec("bm25>mice", reranker="mice", model="mice"), searcher,
+                             queries, 100, device="cpu")
+    finally:
+        searcher.close()
+    assert encoded == [queries[0].text, *[query.text for query in queries]]
+    assert len(outcome.timings) == len(queries)
+    assert list(outcome.run) == [query.id for query in queries]
+    assert outcome.warm_up_seconds >= 0.3
+    assert max(timing["query_encoding"] for timing in outcome.timings) < 0.3
+    for name, system in collection["systems"].items():
+        assert system["warm_up_seconds"] > 0, name

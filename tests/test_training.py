@@ -20,6 +20,7 @@ from mice_engine.training import (
     TrainingError,
     TrainSettings,
     build_model,
+    default_warmup_steps,
     learning_rate_factor,
     listwise_distillation_loss,
     listwise_softmax_loss,
@@ -169,22 +170,103 @@ def test_paper_preset_has_the_published_settings():
 
 
 def test_explicit_values_override_the_preset():
-    settings = settings_with_preset("paper", train="x", output="o", steps=10, warmup_steps=2)
+    settings = settings_with_preset("paper", train="x", output="o", teacher_scores="s.tsv",
+                                    steps=10, warmup_steps=2)
     assert settings.steps == 10 and settings.learning_rate == 7e-6
+    assert settings.warmup_steps == 2
+
+
+@pytest.mark.parametrize(("steps", "warmup"), [
+    (1, 0), (4, 0), (5, 1), (14, 1), (15, 2), (50, 5), (100, 10), (994, 99), (995, 100),
+    (1000, 100), (125_000, 100),
+])
+def test_default_warmup_is_a_tenth_of_the_steps(steps, warmup):
+    assert default_warmup_steps(steps) == warmup
+    settings = settings_with_preset(None, train="x", output="o", steps=steps)
+    assert settings.warmup_steps == warmup
+    assert settings.warmup_steps < settings.steps
+    assert TrainSettings(train="x", output="o", steps=steps).warmup_steps == warmup
+
+
+def test_default_settings_keep_a_warmup_of_100():
+    settings = settings_with_preset(None, train="x", output="o")
+    assert (settings.steps, settings.warmup_steps) == (1000, 100)
+
+
+@pytest.mark.parametrize(("steps", "warmup"), [
+    (None, 60), (600, 60), (61, 60), (60, 6), (30, 3), (4, 0),
+])
+def test_preset_warmup_is_kept_while_below_the_steps(steps, warmup):
+    settings = settings_with_preset("scifact-cpu", train="x", output="o", steps=steps)
+    assert settings.warmup_steps == warmup
+
+
+@pytest.mark.parametrize(("steps", "warmup"), [(10, 10), (10, 50), (1, 1)])
+def test_explicit_warmup_not_below_steps_is_rejected(steps, warmup):
+    with pytest.raises(TrainingError) as error:
+        settings_with_preset(None, train="x", output="o", steps=steps, warmup_steps=warmup)
+    message = str(error.value)
+    assert f"warmup-steps={warmup}" in message
+    assert f"steps={steps}" in message
+    assert f"--warmup-steps below {steps}" in message
+    with pytest.raises(TrainingError, match=f"warmup-steps={warmup}"):
+        settings_with_preset("scifact-cpu", train="x", output="o", steps=steps,
+                             warmup_steps=warmup)
 
 
 @pytest.mark.parametrize("changes, message", [
     ({"architecture": "colbert"}, "architecture 'colbert'"),
     ({"loss": "hinge"}, "loss 'hinge'"),
-    ({"group_size": 1}, "group-size=1"),
+    ({"group_size": 1}, "group-size=1 is invalid: it must be at least 2"),
     ({"warmup_steps": 50, "steps": 10}, "warmup-steps=50"),
+    ({"warmup_steps": -1}, "warmup-steps=-1 is invalid: it must be 0 or more"),
+    ({"dev_queries": -1}, "dev-queries=-1 is invalid: it must be 0 or more"),
+    ({"batch_size": 0}, "batch-size=0 is invalid: it must be at least 1"),
+    ({"steps": 0}, "steps=0 is invalid: it must be at least 1"),
+    ({"eval_every": -3}, "eval-every=-3 is invalid: it must be at least 1"),
+    ({"merge_layer": 0}, "merge-layer=0 is invalid: it must be at least 1"),
+    ({"doc_max_length": 2}, "doc-max-length=2 is invalid: it must be at least 3"),
+    ({"learning_rate": 0.0}, "learning-rate=0.0 is invalid: it must be above 0"),
+    ({"weight_decay": -0.1}, "weight-decay=-0.1 is invalid: it must be 0 or more"),
+    ({"max_grad_norm": 0.0}, "max-grad-norm=0.0 is invalid: it must be above 0"),
+    ({"seed": -1}, "seed=-1 is invalid"),
+    ({"distill_weight": -1.0}, "distill-weight=-1.0 is invalid: it must be 0 or more"),
     ({"states_from": "idx"}, "--freeze-lower"),
     ({"architecture": "cross-encoder", "freeze_lower": True}, "MICE only"),
+    ({"select_metric": "MAP"}, "select-metric 'MAP' is unknown"),
+    ({"device": "gpu0"}, "device 'gpu0' is invalid"),
+    ({"mask": "mask1"}, "--mask mask1 applies to --architecture cross-encoder"),
+    ({"architecture": "cross-encoder", "mask": "mask9"}, "mask 'mask9' is unknown"),
+    ({"architecture": "cross-encoder", "mask": "mask3"}, "--mask mask3 needs --mask3-layers"),
+    ({"architecture": "cross-encoder", "mask3_layers": 2}, "--mask3-layers 2 applies to"),
+    ({"loss": "margin-mse"}, "--loss margin-mse needs teacher scores"),
+    ({"loss": "margin-mse", "teacher": "t", "teacher_scores": "s.tsv"}, "pass one"),
+    ({"teacher_scores": "s.tsv"}, "--teacher-scores applies to --loss margin-mse"),
 ])
 def test_invalid_settings_name_the_value(changes, message):
     values = {"train": "x", "output": "o", **changes}
-    with pytest.raises(TrainingError, match=message):
+    with pytest.raises(TrainingError) as error:
         settings_with_preset(None, **values)
+    assert message in str(error.value)
+
+
+def test_zero_dev_queries_and_zero_warmup_are_valid():
+    settings = settings_with_preset(None, train="x", output="o", dev_queries=0, warmup_steps=0,
+                                    weight_decay=0.0, distill_weight=0.0, seed=0)
+    assert (settings.dev_queries, settings.warmup_steps) == (0, 0)
+
+
+def test_freeze_lower_with_margin_mse_fails_in_the_settings():
+    with pytest.raises(TrainingError) as error:
+        settings_with_preset(None, train="x", output="o", loss="margin-mse",
+                             teacher_scores="s.tsv", freeze_lower=True)
+    message = str(error.value)
+    assert "--freeze-lower" in message and "--loss margin-mse" in message
+    assert "--train-lower" in message
+    # The paper preset trains every layer, and --freeze-lower on top of it is rejected the same.
+    with pytest.raises(TrainingError, match="--train-lower"):
+        settings_with_preset("paper", train="x", output="o", teacher_scores="s.tsv",
+                             freeze_lower=True)
 
 
 def test_unknown_preset_lists_the_known_ones():
@@ -345,7 +427,8 @@ def test_delta_round_trip_scores_like_the_full_model(tiny_backbone, collection, 
 
 
 def test_delta_on_other_backbone_weights_is_refused(tiny_backbone, collection, tmp_path):
-    settings = tiny_settings(tiny_backbone, collection, tmp_path / "run", steps=1, dev_queries=0)
+    settings = tiny_settings(tiny_backbone, collection, tmp_path / "run", steps=1, dev_queries=0,
+                             warmup_steps=0)
     trained = MiceModel.load(train(settings, progress=False).output / "model")
     trained.save_delta(tmp_path / "delta")
     config = json.loads((tmp_path / "delta" / "mice_config.json").read_text())
@@ -363,10 +446,13 @@ def test_mice_train_and_export_commands(tiny_backbone, collection, tmp_path):
         "train", str(collection), "-o", str(tmp_path / "run"), "--backbone", str(tiny_backbone),
         "--merge-layer", "2", "--interaction-layers", "2", "--steps", "2", "--batch-size", "2",
         "--group-size", "3", "--dev-queries", "2", "--eval-every", "1", "--eval-candidates", "4",
-        "--negatives-depth", "4", "--warmup-steps", "0", "--quiet",
+        "--negatives-depth", "4", "--quiet",
     ])
     assert result.exit_code == 0, result.output
     assert "selected step" in result.output
+    # Two steps train without --warmup-steps: the default warm-up is 10% of them, rounded.
+    saved = json.loads((tmp_path / "run" / "train_settings.json").read_text())
+    assert saved["warmup_steps"] == 0
     assert (tmp_path / "run" / "model" / "mice_config.json").is_file()
     again = runner.invoke(app, ["train", str(collection), "-o", str(tmp_path / "run"),
                                 "--backbone", str(tiny_backbone), "--quiet"])
@@ -376,6 +462,139 @@ def test_mice_train_and_export_commands(tiny_backbone, collection, tmp_path):
     assert exported.exit_code == 0, exported.output
     assert (tmp_path / "shipped" / DELTA_FILE).is_file()
     assert MiceModel.load(tmp_path / "shipped").config.trained
+
+
+def tiny_command(tiny_backbone, collection, output, *options: str) -> list[str]:
+    return ["train", str(collection), "-o", str(output), "--backbone", str(tiny_backbone),
+            "--merge-layer", "2", "--interaction-layers", "2", "--batch-size", "2",
+            "--group-size", "3", "--dev-queries", "2", "--eval-candidates", "4",
+            "--negatives-depth", "4", "--quiet", *options]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--dev-queries", "-1"], "dev-queries=-1 is invalid: it must be 0 or more"),
+    (["--steps", "5", "--warmup-steps", "5"], "--warmup-steps below 5"),
+    (["--loss", "margin-mse", "--teacher-scores", "teacher.tsv", "--freeze-lower"],
+     "--train-lower"),
+    (["--mask", "mask2"], "--architecture cross-encoder"),
+])
+def test_invalid_train_command_writes_nothing(tiny_backbone, collection, tmp_path, options,
+                                              message):
+    output = tmp_path / "run"
+    result = CliRunner().invoke(app, tiny_command(tiny_backbone, collection, output, *options))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not output.exists()
+
+
+def test_failed_setup_writes_nothing(tiny_backbone, collection, tmp_path):
+    # Each of these fails once the model or the data loads, which is before the output is
+    # written to; an existing empty folder stays empty.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ({"train": str(tmp_path / "missing")}, "missing"),
+        ({"dev_queries": len(QUERIES)}, "leaves no training query"),
+        ({"loss": "margin-mse", "teacher_scores": str(tmp_path / "none.tsv")}, "none.tsv"),
+        ({"freeze_lower": True, "states_from": str(tmp_path / "no-index")}, "no-index"),
+    ]
+    for changes, message in cases:
+        for output in (tmp_path / "run", empty):
+            settings = tiny_settings(tiny_backbone, collection, output, **changes)
+            with pytest.raises(Exception, match=message):
+                train(settings, progress=False)
+            assert not (tmp_path / "run").exists(), changes
+            assert list(empty.iterdir()) == [], changes
+
+
+def teacher_lines(count: int) -> list[str]:
+    return [f"{9 - i}\t{i}\tgene protein\t{DOCUMENTS['d1']}\t{DOCUMENTS[f'd{i + 2}']}"
+            for i in range(count)]
+
+
+def test_run_failing_before_first_checkpoint_can_run_again(tiny_backbone, collection, tmp_path):
+    # Steps 1 and 2 read the first four triples; step 3 reaches the malformed fifth line.
+    teacher = tmp_path / "teacher.tsv"
+    teacher.write_text("\n".join([*teacher_lines(4), "9\t1\tonly a query"]) + "\n")
+    output = tmp_path / "run"
+    settings = tiny_settings(tiny_backbone, collection, output, loss="margin-mse",
+                             teacher_scores=str(teacher), checkpoint_every=10)
+    with pytest.raises(TrainingError, match="teacher.tsv:5"):
+        train(settings, progress=False)
+    assert not output.exists()
+
+    teacher.write_text("\n".join(teacher_lines(6)) + "\n")
+    result = train(settings, progress=False)
+    assert result.steps == 4
+    log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in log] == [1, 2, 3, 4]
+    assert json.loads((output / "train_settings.json").read_text())["loss"] == "margin-mse"
+    assert load_checkpoint(output / "checkpoint")["step"] == 4
+
+
+def test_interrupt_before_first_checkpoint_removes_the_run(tiny_backbone, collection, tmp_path,
+                                                           monkeypatch):
+    from mice_engine import training
+
+    output = tmp_path / "run"
+    append_log = training._append_log
+    model_at_interrupt = []
+
+    def interrupt_at_step_three(path, record):
+        append_log(path, record)
+        if record.get("step") == 3:
+            model_at_interrupt.append((output / "model" / "mice_config.json").is_file())
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_append_log", interrupt_at_step_three)
+    command = tiny_command(tiny_backbone, collection, output, "--steps", "4", "--eval-every", "1",
+                           "--checkpoint-every", "10")
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 130, result.output
+    assert "nothing to resume" in result.output
+    assert model_at_interrupt == [True]
+    assert not output.exists()
+
+    monkeypatch.undo()
+    again = CliRunner().invoke(app, command)
+    assert again.exit_code == 0, again.output
+    assert (output / "model" / "mice_config.json").is_file()
+    assert load_checkpoint(output / "checkpoint")["step"] == 4
+
+
+def test_interrupt_after_a_checkpoint_keeps_the_run(tiny_backbone, collection, tmp_path,
+                                                    monkeypatch):
+    from mice_engine import training
+
+    output = tmp_path / "run"
+    append_log = training._append_log
+
+    def interrupt_at_step_three(path, record):
+        append_log(path, record)
+        if record.get("step") == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_append_log", interrupt_at_step_three)
+    command = tiny_command(tiny_backbone, collection, output, "--steps", "4",
+                           "--checkpoint-every", "2")
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 130, result.output
+    assert "--resume" in result.output
+    assert load_checkpoint(output / "checkpoint")["step"] == 2
+    assert (output / "train_settings.json").is_file()
+
+
+def test_new_run_replaces_a_stale_log(tiny_backbone, collection, tmp_path):
+    # What a run killed before its first checkpoint (no cleanup possible) leaves behind.
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    (output / "train_settings.json").write_text("{}\n")
+    settings = tiny_settings(tiny_backbone, collection, output, steps=2, dev_queries=0)
+    result = train(settings, progress=False)
+    log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    assert [record["loss"] for record in log] == [round(loss, 6) for loss in result.losses]
+    assert json.loads((output / "train_settings.json").read_text())["steps"] == 2
 
 
 def test_training_split_without_judgments_is_a_clear_error(tiny_backbone, collection, tmp_path):

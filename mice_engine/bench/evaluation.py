@@ -34,6 +34,8 @@ def evaluate_system(outcome: SystemRun, queries: Sequence[Any], qrels: dict[str,
         "latency_ms": latency,
         "seconds": round(outcome.seconds, 3),
         "queries_per_second": round(len(query_ids) / outcome.seconds, 3),
+        "warm_up_seconds": (None if outcome.warm_up_seconds is None
+                            else round(outcome.warm_up_seconds, 6)),
         "candidates_mean": float(np.mean(outcome.candidates)) if outcome.candidates else 0.0,
         **outcome.memory,
     }

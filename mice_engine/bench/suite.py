@@ -236,7 +236,8 @@ def parse_suite(values: dict[str, Any], *, path: Path | None = None, text: str =
         suite.systems = [system for system in suite.systems if system.name in systems]
     if max_queries:
         if max_queries < 0:
-            raise BenchError(f"max_queries must be positive, got {max_queries}")
+            raise BenchError(f"max_queries={max_queries} is invalid: it must be 0 (every query) "
+                             "or more")
         for system in suite.systems:
             system.max_queries = min(system.max_queries or max_queries, max_queries)
     suite.efficiency = _parse_efficiency(values, where)
@@ -342,8 +343,12 @@ def _parse_efficiency(values: dict[str, Any], where: str) -> EfficiencySpec:
     for key in ("bare_forward_documents", "interaction_queries", "interaction_candidates",
                 "matmul_size"):
         value = _get(table, key, int, label, default=getattr(spec, key))
-        if value < 0 or (value == 0 and key in ("interaction_candidates", "matmul_size")):
-            raise BenchError(f"{label}: {key} must be positive, got {value}")
+        # With 0 documents or queries the probe is off, but a matrix or a candidate list cannot
+        # be empty.
+        minimum = 1 if key in ("interaction_candidates", "matmul_size") else 0
+        if value < minimum:
+            rule = "at least 1" if minimum else "0 (no probe) or more"
+            raise BenchError(f"{label}: {key} must be {rule}, got {value}")
         setattr(spec, key, value)
     spec.profile = _get(table, "profile", bool, label, default=True)
     return spec

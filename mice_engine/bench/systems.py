@@ -8,6 +8,10 @@ Stages timed per query, in seconds:
   converting the candidates' stored states) and ``interaction`` (interaction layers and head);
 - cross-encoder: ``load_texts`` (reading the candidates' texts) and ``interaction``
   (tokenisation and the full forward pass).
+
+Before the timed queries, each system runs its first query once, untimed, so that the one-off
+work of a model's first call (lazy initialisation, first allocations) stays out of the
+latencies.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class SystemRun:
     seconds: float
     memory: dict[str, Any]
     candidates: list[int] = field(default_factory=list)
+    # Seconds of the untimed warm-up call on the first query, or None without queries.
+    warm_up_seconds: float | None = None
 
 
 def search_options(system: SystemSpec) -> dict[str, Any]:
@@ -68,6 +74,12 @@ def run_system(system: SystemSpec, searcher: Searcher, queries: Sequence[Query],
         query_function = _first_stage_query(system, searcher, depth)
         stages = ("first_stage",)
 
+    warm_up_seconds = None
+    if queries:
+        tick = time.perf_counter()
+        query_function(queries[0].text)
+        warm_up_seconds = time.perf_counter() - tick
+
     run: Run = {}
     timings = []
     candidates = []
@@ -84,7 +96,8 @@ def run_system(system: SystemSpec, searcher: Searcher, queries: Sequence[Query],
             if on_query is not None:
                 on_query()
         seconds = time.perf_counter() - started
-    return SystemRun(run, timings, stages, seconds, memory.record(), candidates)
+    return SystemRun(run, timings, stages, seconds, memory.record(), candidates,
+                     warm_up_seconds)
 
 
 def _first_stage_query(system: SystemSpec, searcher: Searcher, depth: int):
