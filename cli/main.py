@@ -14,9 +14,45 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand, TyperGroup
+
+
+class _EmptyFlagMetavar:
+    """Leave the type column of the rich help empty for flags.
+
+    typer 0.29's rich help prints ``<bool>`` beside every flag, --help included, though a flag
+    takes no value. Its plain help prints nothing there, and an empty metavar makes the rich
+    help do the same.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _clear_flag_metavar(param)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _clear_flag_metavar(option)
+        return option
+
+
+def _clear_flag_metavar(param) -> None:
+    if getattr(param, "is_flag", False) and param.metavar is None:
+        param.metavar = ""
+
+
+class FlagCommand(_EmptyFlagMetavar, TyperCommand):
+    """A command whose help shows no type for flags."""
+
+
+class FlagGroup(_EmptyFlagMetavar, TyperGroup):
+    """The ``mice`` group, whose help shows no type for --help."""
+
 
 app = typer.Typer(
     name="mice",
+    cls=FlagGroup,
     help="Index, search and evaluate collections with MICE (Minimal Interaction Cross-Encoders).",
     no_args_is_help=True,
     add_completion=False,
@@ -125,7 +161,7 @@ def _default_index_name(source: str) -> str:
     return name or "index"
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def index(
     source: Annotated[str, typer.Argument(help="BEIR folder, .jsonl[.gz]/.tsv corpus file, or irds:<ir_datasets id>.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Index folder to create (default: indexes/<source name>).")] = None,
@@ -210,7 +246,7 @@ def index(
         typer.echo(UNTRAINED_NOTE, err=True)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def compress(
     source: Annotated[Path, typer.Argument(metavar="SOURCE_INDEX", help="Complete index whose float16 states are coded.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Index folder to create.")],
@@ -242,7 +278,7 @@ def compress(
     typer.echo(_storage_summary(manifest))
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def search(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index folder built by `mice index`.")],
     query: Annotated[str | None, typer.Argument(help="Query text. For a query that starts with '-', put every option first, then `--`, then the query.")] = None,
@@ -415,7 +451,7 @@ def _write_timings(path: Path, per_query: list[dict], query_ids: list[str] | Non
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
-@app.command("eval")
+@app.command("eval", cls=FlagCommand)
 def evaluate(
     run: Annotated[Path, typer.Argument(help="TREC run file (qid Q0 docid rank score tag).")],
     qrels: Annotated[str, typer.Option(help="Judgments: a BEIR folder, a qrels file (BEIR TSV or TREC), or irds:<id>.")],
@@ -456,7 +492,7 @@ def evaluate(
                 typer.echo(f"{name}\t{qid}\t{value:.4f}")
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def info(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index folder.")],
 ) -> None:
@@ -470,7 +506,7 @@ def info(
     typer.echo(json.dumps(manifest, indent=2, ensure_ascii=False))
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def check(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index folder.")],
     checksum: Annotated[bool, typer.Option("--checksum/--no-checksum", help="Recompute the SHA-256 of every stored state (reads the whole store).")] = True,
@@ -486,7 +522,7 @@ def check(
         raise typer.Exit(code=1)
     typer.echo(f"{index_dir}: OK ({', '.join(report.checked)})")
 
-@app.command()
+@app.command(cls=FlagCommand)
 def train(
     source: Annotated[str, typer.Argument(help="Training data: a BEIR folder or irds:<id> with judgments, or irds:<id> with training triples (margin-mse).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder: checkpoints, log, and the best model in <output>/model.")],
@@ -570,7 +606,7 @@ def train(
             blend = ", ".join(f"{k} {v:.4f}" for k, v in fused.items() if not k.startswith("first"))
             typer.echo(f"with BM25 ({how}): {blend}")
 
-@app.command("export")
+@app.command("export", cls=FlagCommand)
 def export_model(
     model: Annotated[Path, typer.Argument(metavar="MODEL", help="Saved MICE model folder (e.g. RUN/model from mice train).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.")],
@@ -594,7 +630,7 @@ def export_model(
         raise _fail(error) from None
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def rerank(
     run: Annotated[Path, typer.Option("--run", help="First-stage TREC run file (qid Q0 docid rank score tag) whose candidates are re-ranked.")],
     queries: Annotated[str, typer.Option(help="Query texts: a BEIR folder, queries .jsonl/.tsv, or irds:<id>.")],
@@ -661,7 +697,7 @@ def rerank(
                    "random; use a trained model for real results", err=True)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def bench(
     suite_file: Annotated[Path, typer.Argument(metavar="SUITE", help="Suite file (.toml), for example benchmarks/suites/smoke.toml.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Results folder to create (default: benchmarks/results/<suite name>).")] = None,

@@ -37,6 +37,16 @@ def test_help_does_not_import_torch():
     assert completed.returncode == 0, completed.stderr
 
 
+@pytest.mark.parametrize("command", [[], ["search"], ["index"], ["train"], ["rerank"]])
+def test_help_shows_no_type_for_flags(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "--help" in result.output
+    assert "<bool>" not in result.output
+    if command:
+        assert "<path>" in result.output  # options that take a value keep their type
+
+
 def test_index_reports_counts_and_size(adi_index):
     result = invoke("info", adi_index)
     manifest = json.loads(result.stdout)
