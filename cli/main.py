@@ -318,12 +318,8 @@ def search(
     options = {"k": k, "candidates": candidates, "first_stage_only": first_stage_only,
                "first_stage": first_stage.value, "nprobe": nprobe,
                "token_candidates": token_candidates}
-    if searcher.fusion_scale is not None and not first_stage_only and not quiet:
-        typer.echo(f"ranking: MICE score + {searcher.fusion_scale:.3f} x BM25 score, as the model "
-                   "was trained; --no-fusion ranks by MICE alone", err=True)
-    elif searcher.fusion_weight is not None and not first_stage_only and not quiet:
-        typer.echo(f"ranking: MICE blended with BM25 (weight {searcher.fusion_weight:.2f}, tuned "
-                   "on held-out training queries); --no-fusion ranks by MICE alone", err=True)
+    if searcher.blend is not None and not first_stage_only and not quiet:
+        typer.echo(_ranking_line(searcher.blend.describe()), err=True)
     try:
         if query is not None:
             _search_one(searcher, query, options, output_format, timings)
@@ -337,6 +333,10 @@ def search(
         raise _fail(error) from None
     finally:
         searcher.close()
+
+
+def _ranking_line(description: str) -> str:
+    return f"ranking: {description}; --no-fusion ranks by MICE alone"
 
 
 def _snippet(title: str | None, text: str | None, width: int = 100) -> str:
@@ -636,7 +636,8 @@ def rerank(
     queries: Annotated[str, typer.Option(help="Query texts: a BEIR folder, queries .jsonl/.tsv, or irds:<id>.")],
     collection: Annotated[str, typer.Option(help="Documents, looked up by id: a BEIR folder, a .jsonl[.gz]/.tsv corpus, or irds:<id>.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="TREC run file to write ('-' for standard output).")],
-    model: Annotated[str | None, typer.Option(help="Cross-encoder folder, MICE model folder, or a backbone folder or Hugging Face id (as an untrained MICE model) (default: the shipped MICE-l3+3 trained on SciFact; rerank ranks by its MICE score alone, without the BM25 blend that mice search applies).")] = None,
+    model: Annotated[str | None, typer.Option(help="Cross-encoder folder, MICE model folder, or a backbone folder or Hugging Face id (as an untrained MICE model) (default: the shipped MICE-l3+3 trained on SciFact, which ranks by its BM25 blend as mice search does).")] = None,
+    fusion: Annotated[bool, typer.Option("--fusion/--no-fusion", help="Blend MICE with the run's scores when the model carries a tuned BM25 blend (the shipped default does; cross-encoders never do). The blend takes the run's scores as the BM25 scores it was tuned with, so for a run from another first stage compare with --no-fusion, which ranks by MICE alone.")] = True,
     depth: Annotated[int, typer.Option(min=1, help="Candidates re-ranked per query: the first DEPTH results of the run; the output contains only these.")] = 100,
     split: Annotated[str, typer.Option(help="Split whose judged queries a BEIR folder contributes (qrels/<split>.tsv).")] = "test",
     batch_size: Annotated[int, typer.Option(min=1, help="Documents per forward pass.")] = 32,
@@ -654,20 +655,27 @@ def rerank(
     from mice_engine.indexing import resolve_device
     from mice_engine.rerank import load_documents, match_queries, read_candidates
     from mice_engine.rerank import rerank as rerank_run
+    from mice_engine.search import FirstStageBlend
     from mice_engine.sources import read_queries
 
     try:
         candidates = read_candidates(run, depth)
         query_texts = match_queries(candidates, read_queries(queries, split=split), queries)
-        needed = {doc_id for doc_ids in candidates.values() for doc_id in doc_ids}
+        needed = {doc_id for results in candidates.values() for doc_id, _ in results}
         documents = load_documents(collection, needed, show_progress=not quiet)
         reranker = load_reranker(model).to(resolve_device(device))
         if not quiet:
             typer.echo(f"model: {reranker.config.name} from {reranker.source}", err=True)
+            blend = FirstStageBlend.for_model(reranker, enabled=fusion)
+            if blend is not None:
+                typer.echo(_ranking_line(f"{blend.describe()}, with the run's scores as the "
+                                         "BM25 scores"), err=True)
+                _note_candidate_counts(blend, candidates)
         with tqdm(total=len(candidates), unit="query", desc="re-ranking", disable=quiet,
                   dynamic_ncols=True) as progress:
             result = rerank_run(reranker, candidates, query_texts, documents,
-                                batch_size=batch_size, on_query=lambda _: progress.update())
+                                batch_size=batch_size, on_query=lambda _: progress.update(),
+                                fusion=fusion)
         if str(output) == "-":
             import tempfile
 
@@ -695,6 +703,20 @@ def rerank(
     if not reranker.config.trained:
         typer.echo("note: this model's scoring head is untrained, so its ranking is close to "
                    "random; use a trained model for real results", err=True)
+
+
+def _note_candidate_counts(blend, candidates: dict[str, list]) -> None:
+    """Print how many queries have another candidate count than the blend weight was tuned on,
+    since the blend standardises scores over each query's candidates."""
+    tuned = blend.tuned_candidates
+    if blend.weight is None or tuned is None:
+        return
+    other = sum(len(results) != tuned for results in candidates.values())
+    if other:
+        typer.echo(f"note: {other} of {len(candidates)} queries have a candidate count other "
+                   f"than {tuned}, the count the blend weight was tuned on. The blend "
+                   "standardises scores over each query's candidates, so the weight may suit "
+                   "them less; compare with --no-fusion", err=True)
 
 
 @app.command(cls=FlagCommand)

@@ -149,6 +149,43 @@ def test_first_stage_run_writes_bm25_tag(adi_index, tmp_path):
     assert run_file.read_text().splitlines()[0].endswith(" bm25")
 
 
+def test_rerank_of_a_bm25_run_matches_search(adi_index, tmp_path):
+    adi = shared_collection("adi")
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("\n".join((adi / "queries.jsonl").read_text().splitlines()[:10]) + "\n")
+    bm25_run, search_run = tmp_path / "bm25.trec", tmp_path / "search.trec"
+    reranked_run = tmp_path / "reranked.trec"
+    depth = ("-k", "20", "--candidates", "20")
+    result = invoke("search", adi_index, "--queries", queries, "--first-stage-only", *depth,
+                    "-o", bm25_run, "-q")
+    assert result.exit_code == 0, result.output
+    result = invoke("search", adi_index, "--queries", queries, *depth, "-o", search_run, "-q")
+    assert result.exit_code == 0, result.output
+    result = invoke("rerank", "--run", bm25_run, "--queries", queries, "--collection", adi,
+                    "-o", reranked_run, "--depth", "20")
+    assert result.exit_code == 0, result.output
+    assert "ranking: MICE blended with BM25 (weight 0.55" in result.stderr
+    # The shipped weight was tuned on 100 candidates per query.
+    assert "10 of 10 queries have a candidate count other than 100" in result.stderr
+
+    searched, reranked = read_trec_run(search_run), read_trec_run(reranked_run)
+    assert list(reranked) == list(searched)
+    # Search reads float16 states from the index and rerank encodes the texts in float32, so
+    # the blended scores differ by about 1e-3. Two documents may swap only when search scores
+    # them closer than that.
+    tolerance = 5e-3
+    for query_id, results in searched.items():
+        search_scores = dict(results)
+        rerank_order = [doc_id for doc_id, _ in reranked[query_id]]
+        assert sorted(rerank_order) == sorted(search_scores), query_id
+        for doc_id, score in reranked[query_id]:
+            assert score == pytest.approx(search_scores[doc_id], abs=tolerance), doc_id
+        for position, doc_id in enumerate(rerank_order):
+            for later in rerank_order[position + 1:]:
+                gap = search_scores[later] - search_scores[doc_id]
+                assert gap < tolerance, f"{query_id}: {later} ranks after {doc_id}"
+
+
 def test_eval_counts_missing_queries(tmp_path):
     adi = shared_collection("adi")
     run_file = tmp_path / "partial.trec"
