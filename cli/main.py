@@ -453,7 +453,7 @@ def _write_timings(path: Path, per_query: list[dict], query_ids: list[str] | Non
 
 @app.command("eval", cls=FlagCommand)
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="TREC run file (qid Q0 docid rank score tag).")],
+    run: Annotated[Path, typer.Argument(help="TREC run file (qid Q0 docid rank score tag). Each query's results are ranked by score, equal scores by descending document id, as trec_eval ranks them; the rank column is not used.")],
     qrels: Annotated[str, typer.Option(help="Judgments: a BEIR folder, a qrels file (BEIR TSV or TREC), or irds:<id>.")],
     split: Annotated[str, typer.Option(help="Split of a BEIR folder's qrels/<split>.tsv.")] = "test",
     metric: Annotated[list[str] | None, typer.Option("--metric", "-m", help="ir-measures name, repeatable (default: nDCG@10, RR@10, R@100).")] = None,

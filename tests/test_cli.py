@@ -186,6 +186,22 @@ def test_rerank_of_a_bm25_run_matches_search(adi_index, tmp_path):
                 assert gap < tolerance, f"{query_id}: {later} ranks after {doc_id}"
 
 
+def test_eval_ranks_by_score_not_rank_column(tmp_path):
+    qrels = tmp_path / "qrels.txt"
+    qrels.write_text("q1 0 d1 1\nq2 0 d1 1\n")
+    run_file = tmp_path / "run.trec"
+    # q1 lists its relevant document first but scores it lower; q2 ties two documents, and
+    # trec_eval puts the larger id, d2, first. Ranked by score, d1 is second in both.
+    run_file.write_text("q1 Q0 d1 1 0.5 x\nq1 Q0 d2 2 0.9 x\n"
+                        "q2 Q0 d1 1 0.7 x\nq2 Q0 d2 2 0.7 x\n")
+    result = invoke("eval", run_file, "--qrels", qrels, "-m", "RR@10", "--per-query",
+                    "--format", "json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["per_query"]["RR@10"] == {"q1": 0.5, "q2": 0.5}
+    assert payload["metrics"]["RR@10"] == 0.5
+
+
 def test_eval_counts_missing_queries(tmp_path):
     adi = shared_collection("adi")
     run_file = tmp_path / "partial.trec"
