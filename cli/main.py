@@ -14,9 +14,45 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand, TyperGroup
+
+
+class _EmptyFlagMetavar:
+    """Leave the type column of the rich help empty for flags.
+
+    typer 0.29's rich help prints ``<bool>`` beside every flag, --help included, though a flag
+    takes no value. Its plain help prints nothing there, and an empty metavar makes the rich
+    help do the same.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _clear_flag_metavar(param)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _clear_flag_metavar(option)
+        return option
+
+
+def _clear_flag_metavar(param) -> None:
+    if getattr(param, "is_flag", False) and param.metavar is None:
+        param.metavar = ""
+
+
+class FlagCommand(_EmptyFlagMetavar, TyperCommand):
+    """A command whose help shows no type for flags."""
+
+
+class FlagGroup(_EmptyFlagMetavar, TyperGroup):
+    """The ``mice`` group, whose help shows no type for --help."""
+
 
 app = typer.Typer(
     name="mice",
+    cls=FlagGroup,
     help="Index, search and evaluate collections with MICE (Minimal Interaction Cross-Encoders).",
     no_args_is_help=True,
     add_completion=False,
@@ -125,7 +161,7 @@ def _default_index_name(source: str) -> str:
     return name or "index"
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def index(
     source: Annotated[str, typer.Argument(help="BEIR folder, .jsonl[.gz]/.tsv corpus file, or irds:<ir_datasets id>.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Index folder to create (default: indexes/<source name>).")] = None,
@@ -213,7 +249,7 @@ def index(
         typer.echo(UNTRAINED_NOTE, err=True)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def compress(
     source: Annotated[Path, typer.Argument(metavar="SOURCE_INDEX", help="Complete index whose float16 states are coded.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Index folder to create.")],
@@ -245,7 +281,7 @@ def compress(
     typer.echo(_storage_summary(manifest))
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def search(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index folder built by `mice index`.")],
     query: Annotated[str | None, typer.Argument(help="Query text. For a query that starts with '-', put every option first, then `--`, then the query.")] = None,
@@ -285,12 +321,8 @@ def search(
     options = {"k": k, "candidates": candidates, "first_stage_only": first_stage_only,
                "first_stage": first_stage.value, "nprobe": nprobe,
                "token_candidates": token_candidates}
-    if searcher.fusion_scale is not None and not first_stage_only and not quiet:
-        typer.echo(f"ranking: MICE score + {searcher.fusion_scale:.3f} x BM25 score, as the model "
-                   "was trained; --no-fusion ranks by MICE alone", err=True)
-    elif searcher.fusion_weight is not None and not first_stage_only and not quiet:
-        typer.echo(f"ranking: MICE blended with BM25 (weight {searcher.fusion_weight:.2f}, tuned "
-                   "on held-out training queries); --no-fusion ranks by MICE alone", err=True)
+    if searcher.blend is not None and not first_stage_only and not quiet:
+        typer.echo(_ranking_line(searcher.blend.describe()), err=True)
     try:
         if query is not None:
             _search_one(searcher, query, options, output_format, timings)
@@ -304,6 +336,10 @@ def search(
         raise _fail(error) from None
     finally:
         searcher.close()
+
+
+def _ranking_line(description: str) -> str:
+    return f"ranking: {description}; --no-fusion ranks by MICE alone"
 
 
 def _snippet(title: str | None, text: str | None, width: int = 100) -> str:
@@ -418,9 +454,9 @@ def _write_timings(path: Path, per_query: list[dict], query_ids: list[str] | Non
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
-@app.command("eval")
+@app.command("eval", cls=FlagCommand)
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="TREC run file (qid Q0 docid rank score tag).")],
+    run: Annotated[Path, typer.Argument(help="TREC run file (qid Q0 docid rank score tag). Each query's results are ranked by score, equal scores by descending document id, as trec_eval ranks them; the rank column is not used.")],
     qrels: Annotated[str, typer.Option(help="Judgments: a BEIR folder, a qrels file (BEIR TSV or TREC), or irds:<id>.")],
     split: Annotated[str, typer.Option(help="Split of a BEIR folder's qrels/<split>.tsv.")] = "test",
     metric: Annotated[list[str] | None, typer.Option("--metric", "-m", help="ir-measures name, repeatable (default: nDCG@10, RR@10, R@100).")] = None,
@@ -459,7 +495,7 @@ def evaluate(
                 typer.echo(f"{name}\t{qid}\t{value:.4f}")
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def info(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index folder.")],
 ) -> None:
@@ -473,7 +509,7 @@ def info(
     typer.echo(json.dumps(manifest, indent=2, ensure_ascii=False))
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def check(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index folder.")],
     checksum: Annotated[bool, typer.Option("--checksum/--no-checksum", help="Recompute the SHA-256 of every stored state and FAISS file (reads the whole store). The checksum of the ids, titles and texts is verified either way.")] = True,
@@ -492,7 +528,7 @@ def check(
         raise typer.Exit(code=1)
     typer.echo(f"{index_dir}: OK ({', '.join(report.checked)})")
 
-@app.command()
+@app.command(cls=FlagCommand)
 def train(
     source: Annotated[str, typer.Argument(help="Training data: a BEIR folder or irds:<id> with judgments, or irds:<id> with training triples (margin-mse).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder: checkpoints, log, and the best model in <output>/model.")],
@@ -581,7 +617,7 @@ def train(
             blend = ", ".join(f"{k} {v:.4f}" for k, v in fused.items() if not k.startswith("first"))
             typer.echo(f"with BM25 ({how}): {blend}")
 
-@app.command("export")
+@app.command("export", cls=FlagCommand)
 def export_model(
     model: Annotated[Path, typer.Argument(metavar="MODEL", help="Saved MICE model folder (e.g. RUN/model from mice train).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.")],
@@ -605,13 +641,14 @@ def export_model(
         raise _fail(error) from None
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 def rerank(
     run: Annotated[Path, typer.Option("--run", help="First-stage TREC run file (qid Q0 docid rank score tag) whose candidates are re-ranked.")],
     queries: Annotated[str, typer.Option(help="Query texts: a BEIR folder, queries .jsonl/.tsv, or irds:<id>.")],
     collection: Annotated[str, typer.Option(help="Documents, looked up by id: a BEIR folder, a .jsonl[.gz]/.tsv corpus, or irds:<id>.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="TREC run file to write ('-' for standard output).")],
-    model: Annotated[str | None, typer.Option(help="Cross-encoder folder, MICE model folder, or a backbone folder or Hugging Face id (as an untrained MICE model) (default: the shipped MICE-l3+3 trained on SciFact; rerank ranks by its MICE score alone, without the BM25 blend that mice search applies).")] = None,
+    model: Annotated[str | None, typer.Option(help="Cross-encoder folder, MICE model folder, or a backbone folder or Hugging Face id (as an untrained MICE model) (default: the shipped MICE-l3+3 trained on SciFact, which ranks by its BM25 blend as mice search does).")] = None,
+    fusion: Annotated[bool, typer.Option("--fusion/--no-fusion", help="Blend MICE with the run's scores when the model carries a tuned BM25 blend (the shipped default does; cross-encoders never do). The blend takes the run's scores as the BM25 scores it was tuned with, so for a run from another first stage compare with --no-fusion, which ranks by MICE alone.")] = True,
     depth: Annotated[int, typer.Option(min=1, help="Candidates re-ranked per query: the first DEPTH results of the run; the output contains only these.")] = 100,
     split: Annotated[str, typer.Option(help="Split whose judged queries a BEIR folder contributes (qrels/<split>.tsv).")] = "test",
     batch_size: Annotated[int, typer.Option(min=1, help="Documents per forward pass.")] = 32,
@@ -629,20 +666,27 @@ def rerank(
     from mice_engine.indexing import resolve_device
     from mice_engine.rerank import load_documents, match_queries, read_candidates
     from mice_engine.rerank import rerank as rerank_run
+    from mice_engine.search import FirstStageBlend
     from mice_engine.sources import read_queries
 
     try:
         candidates = read_candidates(run, depth)
         query_texts = match_queries(candidates, read_queries(queries, split=split), queries)
-        needed = {doc_id for doc_ids in candidates.values() for doc_id in doc_ids}
+        needed = {doc_id for results in candidates.values() for doc_id, _ in results}
         documents = load_documents(collection, needed, show_progress=not quiet)
         reranker = load_reranker(model).to(resolve_device(device))
         if not quiet:
             typer.echo(f"model: {reranker.config.name} from {reranker.source}", err=True)
+            blend = FirstStageBlend.for_model(reranker, enabled=fusion)
+            if blend is not None:
+                typer.echo(_ranking_line(f"{blend.describe()}, with the run's scores as the "
+                                         "BM25 scores"), err=True)
+                _note_candidate_counts(blend, candidates)
         with tqdm(total=len(candidates), unit="query", desc="re-ranking", disable=quiet,
                   dynamic_ncols=True) as progress:
             result = rerank_run(reranker, candidates, query_texts, documents,
-                                batch_size=batch_size, on_query=lambda _: progress.update())
+                                batch_size=batch_size, on_query=lambda _: progress.update(),
+                                fusion=fusion)
         if str(output) == "-":
             import tempfile
 
@@ -672,7 +716,21 @@ def rerank(
                    "random; use a trained model for real results", err=True)
 
 
-@app.command()
+def _note_candidate_counts(blend, candidates: dict[str, list]) -> None:
+    """Print how many queries have another candidate count than the blend weight was tuned on,
+    since the blend standardises scores over each query's candidates."""
+    tuned = blend.tuned_candidates
+    if blend.weight is None or tuned is None:
+        return
+    other = sum(len(results) != tuned for results in candidates.values())
+    if other:
+        typer.echo(f"note: {other} of {len(candidates)} queries have a candidate count other "
+                   f"than {tuned}, the count the blend weight was tuned on. The blend "
+                   "standardises scores over each query's candidates, so the weight may suit "
+                   "them less; compare with --no-fusion", err=True)
+
+
+@app.command(cls=FlagCommand)
 def bench(
     suite_file: Annotated[Path, typer.Argument(metavar="SUITE", help="Suite file (.toml), for example benchmarks/suites/smoke.toml.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Results folder to create (default: benchmarks/results/<suite name>).")] = None,

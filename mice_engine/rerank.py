@@ -3,8 +3,10 @@
 Each query's candidates are the first ``depth`` results of the run, in trec_eval's order
 (score descending, equal scores by document id descending). Their texts come from the
 collection, looked up by id, and are scored afresh with
-:func:`mice_engine.cross_encoder.score_texts`; no index is needed. The re-ranked run contains those
-candidates only, ordered as :func:`mice_engine.search.rank_order` orders scores.
+:func:`mice_engine.cross_encoder.score_texts`; no index is needed. A MICE model that carries a
+BM25 blend combines its scores with the run's scores, as search combines them with BM25. The
+re-ranked run contains those candidates only, ordered as :func:`mice_engine.search.rank_order`
+orders scores.
 """
 
 from __future__ import annotations
@@ -41,16 +43,16 @@ class RerankResult:
                 "mean_ms": float(values.mean())}
 
 
-def read_candidates(run_path: str | os.PathLike, depth: int) -> dict[str, list[str]]:
-    """Read a TREC run and keep each query's first ``depth`` document ids, in trec_eval's order."""
+def read_candidates(run_path: str | os.PathLike, depth: int) -> Run:
+    """Read a TREC run and keep each query's first ``depth`` results (document id and score),
+    in trec_eval's order."""
     if depth < 1:
         raise ValueError(f"depth must be at least 1, got {depth}")
     run = read_trec_run(run_path)
-    return {query_id: [doc_id for doc_id, _ in results[:depth]]
-            for query_id, results in run.items()}
+    return {query_id: results[:depth] for query_id, results in run.items()}
 
 
-def match_queries(candidates: dict[str, list[str]], queries: Iterable[Query],
+def match_queries(candidates: Run, queries: Iterable[Query],
                   source: str) -> dict[str, str]:
     """Map each query id of the run to its text. Raise SourceError naming the ids that the
     query source lacks."""
@@ -100,25 +102,34 @@ def load_documents(collection: str | os.PathLike, doc_ids: Iterable[str],
 
 def rerank(
     model,
-    candidates: dict[str, list[str]],
+    candidates: Run,
     query_texts: dict[str, str],
     documents: dict[str, str],
     batch_size: int = 32,
     on_query: Callable[[str], None] | None = None,
+    fusion: bool = True,
 ) -> RerankResult:
     """Score every query's candidates with ``model`` and sort them.
 
-    ``model`` is a MiceModel or a CrossEncoderModel. ``on_query`` is called with each query
-    id once its candidates are scored.
+    ``model`` is a MiceModel or a CrossEncoderModel. ``candidates`` maps each query id to its
+    (document id, first-stage score) pairs. A MICE model that carries a BM25 blend (see
+    :class:`mice_engine.search.FirstStageBlend`) ranks by it unless ``fusion`` is False, and
+    the blend takes the first-stage scores as the BM25 scores it was fitted on. ``on_query``
+    is called with each query id once its candidates are scored.
     """
     from .cross_encoder import score_texts
-    from .search import rank_order
+    from .search import FirstStageBlend, rank_order
 
+    blend = FirstStageBlend.for_model(model, enabled=fusion)
     result = RerankResult(run={})
-    for query_id, doc_ids in candidates.items():
+    for query_id, results in candidates.items():
         tick = time.perf_counter()
+        doc_ids = [doc_id for doc_id, _ in results]
         scores = score_texts(model, query_texts[query_id], [documents[i] for i in doc_ids],
                              batch_size=batch_size)
+        if blend is not None:
+            first_stage_scores = np.array([score for _, score in results], dtype=np.float64)
+            scores = blend.apply(scores, first_stage_scores)
         order = rank_order(doc_ids, scores)
         result.seconds[query_id] = time.perf_counter() - tick
         result.run[query_id] = [(doc_ids[i], float(scores[i])) for i in order]

@@ -198,6 +198,55 @@ def fuse_scores(mice_scores: np.ndarray, first_stage_scores: np.ndarray,
     return blended.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class FirstStageBlend:
+    """The combination of MICE and BM25 scores that a model ranks by, read from its
+    ``mice_config.json`` (``fusion``).
+
+    A model tuned with ``--fuse-first-stage`` carries ``weight`` and ranks by
+    :func:`fuse_scores`. A model trained with ``--first-stage-feature`` carries ``scale`` and
+    ranks by ``MICE + scale * BM25``. Both were fitted on BM25 scores of this engine's index.
+    """
+
+    weight: float | None = None
+    scale: float | None = None
+    # Candidates per held-out query on which ``weight`` was tuned; None when not recorded.
+    tuned_candidates: int | None = None
+
+    @classmethod
+    def for_model(cls, model: Any, enabled: bool = True) -> FirstStageBlend | None:
+        """Return the blend that ``model`` carries, or None when it carries none (cross-encoders
+        never do) or when ``enabled`` is False."""
+        settings = getattr(model.config, "fusion", None) or {}
+        weight = settings.get("first_stage_weight")
+        scale = settings.get("first_stage_scale")
+        if not enabled or not (weight or scale):
+            return None
+        if scale:
+            return cls(scale=float(scale))
+        training = getattr(model.config, "training", None) or {}
+        tuned = (training.get("settings") or {}).get("eval_candidates")
+        return cls(weight=float(weight), tuned_candidates=int(tuned) if tuned else None)
+
+    def apply(self, mice_scores: np.ndarray, first_stage_scores: np.ndarray) -> np.ndarray:
+        """Combine one query's MICE scores with the first-stage scores of the same candidates."""
+        if len(mice_scores) != len(first_stage_scores):
+            raise ValueError(f"{len(mice_scores)} MICE scores but {len(first_stage_scores)} "
+                             "first-stage scores; pass one of each per candidate")
+        if self.scale is not None:
+            first_stage = np.asarray(first_stage_scores, dtype=np.float32)
+            return (np.asarray(mice_scores, dtype=np.float32)
+                    + np.float32(self.scale) * first_stage).astype(np.float32)
+        return fuse_scores(mice_scores, first_stage_scores, self.weight)
+
+    def describe(self) -> str:
+        """Say what a ranking with this blend ranks by, for a log line."""
+        if self.scale is not None:
+            return f"MICE score + {self.scale:.3f} x BM25 score, as the model was trained"
+        return (f"MICE blended with BM25 (weight {self.weight:.2f}, tuned on held-out training "
+                "queries)")
+
+
 class Searcher:
     """Search an index: BM25 candidates re-scored by the MICE interaction layers.
 
@@ -216,14 +265,9 @@ class Searcher:
         self.device = resolve_device(device)
         self.model = self.index.load_model(model).to(self.device).eval()
         self.batch_size = batch_size
-        # A model trained with a BM25 blend weight (tuned on held-out queries) ranks by the
-        # blend unless ``fusion`` is False, which gives the MICE scores alone.
-        settings = self.model.config.fusion or {}
-        weight = settings.get("first_stage_weight")
-        scale = settings.get("first_stage_scale")
-        self.fusion_weight = float(weight) if fusion and weight else None
-        # A model trained on "MICE + scale * BM25" (mode "sum") ranks by that sum.
-        self.fusion_scale = float(scale) if fusion and scale else None
+        # A model that carries a BM25 blend ranks by it unless ``fusion`` is False, which
+        # gives the MICE scores alone.
+        self.blend = FirstStageBlend.for_model(self.model, enabled=fusion)
         self._torch = torch
         self._warned_untrained = False
 
@@ -271,14 +315,11 @@ class Searcher:
             scores, order = first_scores, first_order
         else:
             scores, truncated = self._score(query, rows, timings, encoded)
-            if self.fusion_scale is not None or self.fusion_weight is not None:
+            if self.blend is not None:
                 # The blend was learnt with BM25 scores, whatever the first stage was.
                 bm25_scores = (first_scores if first_stage == "bm25"
                                else self.index.bm25.score_all(query)[rows])
-                if self.fusion_scale is not None:
-                    scores = (scores + self.fusion_scale * bm25_scores).astype(np.float32)
-                else:
-                    scores = fuse_scores(scores, bm25_scores, self.fusion_weight)
+                scores = self.blend.apply(scores, bm25_scores)
             order = rank_order(doc_ids, scores)
         hits = []
         for rank, i in enumerate(order[:k], start=1):

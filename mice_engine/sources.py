@@ -35,6 +35,8 @@ IRDS_PREFIX = "irds:"
 # Keys that can hold the id or the text of a JSON Lines record, in order of precedence.
 JSON_ID_KEYS = ("_id", "id", "docid", "doc_id", "qid", "query_id")
 JSON_TEXT_KEYS = ("text", "contents")
+# A query line may also hold its text under "query", the name a TSV query header may use.
+JSON_QUERY_TEXT_KEYS = (*JSON_TEXT_KEYS, "query")
 
 ACCEPTED_FORMS = (
     "a BEIR folder (corpus.jsonl[.gz], queries.jsonl, qrels/<split>.tsv), "
@@ -430,12 +432,18 @@ def _iter_jsonl_queries(path: Path) -> Iterator[tuple[int, Query]]:
     for number, line in iter_lines(path):
         record = _parse_json_object(path, number, line)
         query_id = _json_id(path, number, record)
-        yield number, Query(query_id, _json_text(path, number, record, query_id))
+        yield number, Query(query_id, _json_query_text(path, number, record, query_id))
 
 
 def _iter_tsv_queries(path: Path) -> Iterator[tuple[int, Query]]:
     for number, fields in _iter_tsv_records(path, allowed_columns=(2,), kind="query"):
-        yield number, Query(_tsv_id(path, number, fields[0]), fields[1])
+        query_id = _tsv_id(path, number, fields[0])
+        if not fields[1].strip():
+            raise SourceError(
+                f"{path}, line {number}: query {query_id!r} has an empty text in the second "
+                "column. Write the query text after the tab, or remove the line."
+            )
+        yield number, Query(query_id, fields[1])
 
 
 def _iter_tsv_records(
@@ -546,6 +554,32 @@ def _json_text(path: Path, number: int, record: dict[str, Any], record_id: str) 
         if record.get(key) is not None:
             return _json_string(path, number, record, key, record_id)
     return ""
+
+
+def _json_query_text(path: Path, number: int, record: dict[str, Any], query_id: str) -> str:
+    """Return the text under the first key of JSON_QUERY_TEXT_KEYS with a non-null value.
+
+    Raises SourceError naming the keys found and the accepted keys when no such key exists or
+    its text is empty or blank, since an empty query would silently find nothing.
+    """
+    found = ", ".join(repr(key) for key in record)
+    accepted = ", ".join(repr(key) for key in JSON_QUERY_TEXT_KEYS)
+    for key in JSON_QUERY_TEXT_KEYS:
+        if record.get(key) is None:
+            continue
+        text = _json_string(path, number, record, key, query_id)
+        if not text.strip():
+            raise SourceError(
+                f"{path}, line {number}: query {query_id!r} has an empty text in key {key!r} "
+                f"(keys found: {found}). Write the query text under one of {accepted}, or "
+                "remove the line."
+            )
+        return text
+    raise SourceError(
+        f"{path}, line {number}: query {query_id!r} has no text: none of the accepted keys "
+        f"{accepted} holds a string (keys found: {found}). Put the query text under one of "
+        "them."
+    )
 
 
 def _json_string(path: Path, number: int, record: dict[str, Any], key: str, record_id: str) -> str:

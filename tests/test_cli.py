@@ -37,6 +37,16 @@ def test_help_does_not_import_torch():
     assert completed.returncode == 0, completed.stderr
 
 
+@pytest.mark.parametrize("command", [[], ["search"], ["index"], ["train"], ["rerank"]])
+def test_help_shows_no_type_for_flags(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "--help" in result.output
+    assert "<bool>" not in result.output
+    if command:
+        assert "<path>" in result.output  # options that take a value keep their type
+
+
 def test_index_reports_counts_and_size(adi_index):
     result = invoke("info", adi_index)
     manifest = json.loads(result.stdout)
@@ -137,6 +147,59 @@ def test_first_stage_run_writes_bm25_tag(adi_index, tmp_path):
                     "--first-stage-only", "-q")
     assert result.exit_code == 0, result.output
     assert run_file.read_text().splitlines()[0].endswith(" bm25")
+
+
+def test_rerank_of_a_bm25_run_matches_search(adi_index, tmp_path):
+    adi = shared_collection("adi")
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("\n".join((adi / "queries.jsonl").read_text().splitlines()[:10]) + "\n")
+    bm25_run, search_run = tmp_path / "bm25.trec", tmp_path / "search.trec"
+    reranked_run = tmp_path / "reranked.trec"
+    depth = ("-k", "20", "--candidates", "20")
+    result = invoke("search", adi_index, "--queries", queries, "--first-stage-only", *depth,
+                    "-o", bm25_run, "-q")
+    assert result.exit_code == 0, result.output
+    result = invoke("search", adi_index, "--queries", queries, *depth, "-o", search_run, "-q")
+    assert result.exit_code == 0, result.output
+    result = invoke("rerank", "--run", bm25_run, "--queries", queries, "--collection", adi,
+                    "-o", reranked_run, "--depth", "20")
+    assert result.exit_code == 0, result.output
+    assert "ranking: MICE blended with BM25 (weight 0.55" in result.stderr
+    # The shipped weight was tuned on 100 candidates per query.
+    assert "10 of 10 queries have a candidate count other than 100" in result.stderr
+
+    searched, reranked = read_trec_run(search_run), read_trec_run(reranked_run)
+    assert list(reranked) == list(searched)
+    # Search reads float16 states from the index and rerank encodes the texts in float32, so
+    # the blended scores differ by about 1e-3. Two documents may swap only when search scores
+    # them closer than that.
+    tolerance = 5e-3
+    for query_id, results in searched.items():
+        search_scores = dict(results)
+        rerank_order = [doc_id for doc_id, _ in reranked[query_id]]
+        assert sorted(rerank_order) == sorted(search_scores), query_id
+        for doc_id, score in reranked[query_id]:
+            assert score == pytest.approx(search_scores[doc_id], abs=tolerance), doc_id
+        for position, doc_id in enumerate(rerank_order):
+            for later in rerank_order[position + 1:]:
+                gap = search_scores[later] - search_scores[doc_id]
+                assert gap < tolerance, f"{query_id}: {later} ranks after {doc_id}"
+
+
+def test_eval_ranks_by_score_not_rank_column(tmp_path):
+    qrels = tmp_path / "qrels.txt"
+    qrels.write_text("q1 0 d1 1\nq2 0 d1 1\n")
+    run_file = tmp_path / "run.trec"
+    # q1 lists its relevant document first but scores it lower; q2 ties two documents, and
+    # trec_eval puts the larger id, d2, first. Ranked by score, d1 is second in both.
+    run_file.write_text("q1 Q0 d1 1 0.5 x\nq1 Q0 d2 2 0.9 x\n"
+                        "q2 Q0 d1 1 0.7 x\nq2 Q0 d2 2 0.7 x\n")
+    result = invoke("eval", run_file, "--qrels", qrels, "-m", "RR@10", "--per-query",
+                    "--format", "json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["per_query"]["RR@10"] == {"q1": 0.5, "q2": 0.5}
+    assert payload["metrics"]["RR@10"] == 0.5
 
 
 def test_eval_counts_missing_queries(tmp_path):

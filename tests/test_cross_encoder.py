@@ -586,3 +586,63 @@ def test_rerank_missing_query_is_an_error(models, collection, tmp_path):
     assert result.exit_code == 2
     assert "query ids of the run are not in" in result.output
     assert "'q7'" in result.output
+
+
+BLENDS = {
+    "standardised": {"first_stage": "bm25", "mode": "standardised-blend",
+                     "first_stage_weight": 0.4},
+    "sum": {"first_stage": "bm25", "mode": "sum", "first_stage_scale": 0.7},
+}
+
+
+@pytest.mark.parametrize("mode", sorted(BLENDS))
+def test_rerank_applies_model_blend(tiny_mice, collection, tmp_path, mode):
+    import numpy as np
+
+    from mice_engine.search import fuse_scores
+
+    model_folder = tiny_mice.save(tmp_path / "model")
+    config_path = model_folder / "mice_config.json"
+    config = json.loads(config_path.read_text())
+    config["fusion"] = BLENDS[mode]
+    config_path.write_text(json.dumps(config))
+    run = write_run(tmp_path / "first.trec", FIRST_STAGE)
+    outputs = {}
+    for fusion in ("--fusion", "--no-fusion"):
+        outputs[fusion] = tmp_path / f"reranked{fusion}.trec"
+        result = runner.invoke(app, [
+            "rerank", "--model", str(model_folder), "--run", str(run), "--queries",
+            str(collection), "--collection", str(collection), "-o", str(outputs[fusion]),
+            "--batch-size", "1", fusion,
+        ])
+        assert result.exit_code == 0, result.output
+        announced = "with the run's scores as the BM25 scores" in result.stderr
+        assert announced == (fusion == "--fusion"), result.stderr
+    blended, alone = read_lines(outputs["--fusion"]), read_lines(outputs["--no-fusion"])
+    for query_id, first_stage in FIRST_STAGE.items():
+        doc_ids = [doc_id for doc_id, _ in first_stage]
+        texts = [" ".join(part for part in CORPUS[doc_id] if part) for doc_id in doc_ids]
+        mice = score_texts(tiny_mice, QUERY_TEXTS[query_id], texts, batch_size=1)
+        first_scores = np.array([score for _, score in first_stage])
+        if mode == "sum":
+            expected = mice + 0.7 * first_scores
+        else:
+            expected = fuse_scores(mice, first_scores, 0.4)
+        blended_scores = {doc_id: score for doc_id, _, score, *_ in blended[query_id]}
+        alone_scores = {doc_id: score for doc_id, _, score, *_ in alone[query_id]}
+        for doc_id, blend_value, mice_value in zip(doc_ids, expected, mice):
+            assert blended_scores[doc_id] == pytest.approx(float(blend_value), abs=1e-5), doc_id
+            assert alone_scores[doc_id] == pytest.approx(float(mice_value), abs=1e-6), doc_id
+        keys = [(score, doc_id) for doc_id, _, score, *_ in blended[query_id]]
+        assert keys == sorted(keys, reverse=True), f"{query_id} is not in trec_eval order"
+
+
+def test_cross_encoder_rerank_announces_no_blend(models, collection, tmp_path):
+    model_folder = models["none"].save(tmp_path / "model")
+    run = write_run(tmp_path / "first.trec", FIRST_STAGE)
+    result = runner.invoke(app, [
+        "rerank", "--model", str(model_folder), "--run", str(run), "--queries", str(collection),
+        "--collection", str(collection), "-o", str(tmp_path / "out.trec"),
+    ])
+    assert result.exit_code == 0, result.output
+    assert not any(line.startswith("ranking:") for line in result.stderr.splitlines())

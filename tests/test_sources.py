@@ -369,6 +369,59 @@ def test_duplicate_query_id_error(tmp_path: Path) -> None:
     assert "line 1" in str(error.value)
 
 
+def test_jsonl_query_text_under_query_key(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "queries.jsonl",
+        [{"qid": "q1", "query": "wing flow"}, {"_id": "q2", "contents": "heat"}],
+    )
+    assert read_queries(path) == [Query("q1", "wing flow"), Query("q2", "heat")]
+
+
+def test_tsv_query_header_accepted(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "queries.tsv", ["qid\tquery", "q1\twing flow"])
+    assert read_queries(path) == [Query("q1", "wing flow")]
+
+
+@pytest.mark.parametrize(
+    ("record", "problem", "found"),
+    [
+        ({"_id": "q2", "question": "wing flow"}, "has no text", "'_id', 'question'"),
+        ({"_id": "q2", "text": None}, "has no text", "'_id', 'text'"),
+        ({"_id": "q2", "text": ""}, "empty text in key 'text'", "'_id', 'text'"),
+        ({"_id": "q2", "query": "  "}, "empty text in key 'query'", "'_id', 'query'"),
+    ],
+)
+def test_jsonl_query_without_text_rejected(
+    tmp_path: Path, record: dict, problem: str, found: str
+) -> None:
+    path = write_jsonl(tmp_path / "queries.jsonl", [{"_id": "q1", "text": "fine"}, record])
+    with pytest.raises(SourceError) as error:
+        read_queries(path)
+    message = str(error.value)
+    assert f"{path}, line 2" in message
+    assert "query 'q2'" in message
+    assert problem in message
+    assert f"keys found: {found}" in message
+    assert "'text', 'contents', 'query'" in message
+
+
+def test_beir_query_without_text_rejected(tmp_path: Path) -> None:
+    folder = make_beir_folder(tmp_path / "beir", None)
+    with open(folder / "queries.jsonl", "a", encoding="utf-8") as queries:
+        queries.write(json.dumps({"_id": "q4", "title": "no text"}) + "\n")
+    with pytest.raises(SourceError, match="line 4: query 'q4' has no text"):
+        read_queries(folder)
+
+
+def test_tsv_query_with_empty_text_rejected(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "queries.tsv", ["q1\tfine", "q2\t  "])
+    with pytest.raises(SourceError) as error:
+        read_queries(path)
+    message = str(error.value)
+    assert f"{path}, line 2" in message
+    assert "query 'q2' has an empty text" in message
+
+
 # ---------------------------------------------------------------------------
 # TSV files
 
