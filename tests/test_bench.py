@@ -685,7 +685,7 @@ def test_system_warm_up_is_not_timed(smoke, tiny_mice, adi_slice, monkeypatch):
     def slow_first_call(model, text):
         encoded.append(text)
         if len(encoded) == 1:
-            time.sleep(0.3)
+            time.sleep(1.5)
         return encode_query(model, text)
 
     monkeypatch.setattr(encoding, "encode_query", slow_first_call)
@@ -700,7 +700,8 @@ def test_system_warm_up_is_not_timed(smoke, tiny_mice, adi_slice, monkeypatch):
     assert encoded == [queries[0].text, *[query.text for query in queries]]
     assert len(outcome.timings) == len(queries)
     assert list(outcome.run) == [query.id for query in queries]
-    assert outcome.warm_up_seconds >= 0.3
-    assert max(timing["query_encoding"] for timing in outcome.timings) < 0.3
+    assert outcome.warm_up_seconds >= 1.5
+    # A timed encoding of the tiny model takes milliseconds; 1.5 s leaves room for a busy machine.
+    assert max(timing["query_encoding"] for timing in outcome.timings) < 1.5
     for name, system in collection["systems"].items():
         assert system["warm_up_seconds"] > 0, name
