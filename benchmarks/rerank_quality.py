@@ -5,13 +5,16 @@ them once with a MICE model (from the index's stored states), and evaluates in t
 
 - BM25 alone;
 - BM25 followed by MICE alone (the MICE score ranks);
-- BM25 followed by MICE blended with BM25, when the model carries a tuned blend weight;
+- BM25 followed by MICE blended with BM25 (``bm25>mice blended``), when the model carries a
+  tuned blend, with the MaxSim score of the stored states too when the blend has a MaxSim
+  weight;
 - optionally other re-rankers (the full cross-encoder, masked cross-encoders) that score the
   same candidates from their text, on all queries or on the first ``--rerank-queries`` of them,
   with the other systems evaluated on that same subset too.
 
-It records nDCG@10, RR@10 and R@100, per-query re-ranking time (p50/p95) and the hardware,
-versions and commit, in benchmarks/results/<name>.json.
+It records nDCG@10, RR@10 and R@100, a paired t-test of each MICE system's per-query nDCG@10
+against BM25's, per-query re-ranking time (p50/p95) and the hardware, versions and commit, in
+benchmarks/results/<name>.json.
 
 Usage:
     python benchmarks/rerank_quality.py ../shared/data/scifact --index indexes/scifact \\
@@ -35,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import git_commit, hardware
 
 REPO = Path(__file__).resolve().parents[1]
+# The system that ranks by the model's blend: MICE with BM25, and MaxSim when the blend has it.
+BLEND = "bm25>mice blended"
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -66,15 +71,17 @@ def main() -> None:
 
     import torch
 
+    from mice_engine.bench.stats import paired_t_test
     from mice_engine.evaluation import DEFAULT_METRICS, evaluate
     from mice_engine.indexing import library_versions
-    from mice_engine.search import Searcher, fuse_scores, rank_order
+    from mice_engine.search import STAGES, FirstStageBlend, Searcher, rank_order
     from mice_engine.sources import read_qrels, read_queries
 
     queries = read_queries(args.collection, split=args.split)
     qrels = read_qrels(args.collection, split=args.split)
     searcher = Searcher(args.index, model=args.model or "default", fusion=False)
-    weight = (searcher.model.config.fusion or {}).get("first_stage_weight")
+    blend = FirstStageBlend.for_model(searcher.model)
+    weight = blend is not None
     store = searcher.index.store
     rerankers = {}
     for spec in args.reranker:
@@ -85,27 +92,32 @@ def main() -> None:
 
     runs: dict[str, dict[str, list[tuple[str, float]]]] = {"bm25": {}, "bm25>mice": {}}
     if weight:
-        runs["bm25>mice+bm25"] = {}
+        runs[BLEND] = {}
     for name in rerankers:
         runs[f"bm25>{name}"] = {}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     subset = [q.id for q in queries[: args.rerank_queries]] if rerankers else []
     started = time.perf_counter()
     for number, query in enumerate(queries):
-        result = searcher.search(query.text, k=args.candidates, candidates=args.candidates)
-        ids = [hit.doc_id for hit in result.hits]
-        mice = np.array([hit.score for hit in result.hits], dtype=np.float32)
-        bm25 = np.array([hit.first_stage_score for hit in result.hits], dtype=np.float32)
+        # The scoring path of Searcher.search, kept apart so that one pass gives the MICE
+        # scores alone and the blend's inputs.
+        timings = dict.fromkeys(STAGES, 0.0)
+        tick = time.perf_counter()
+        rows, bm25 = searcher.index.bm25.retrieve(query.text, args.candidates)
+        timings["first_stage"] = time.perf_counter() - tick
+        ids = [store.doc_ids[int(row)] for row in rows]
+        with_maxsim = blend is not None and blend.needs_maxsim
+        mice, _, maxsim = searcher._score(query.text, rows, timings, with_maxsim=with_maxsim)
         order = rank_order(ids, bm25)
         runs["bm25"][query.id] = [(ids[i], float(bm25[i])) for i in order]
-        seconds["bm25"].append(result.timings["first_stage"])
-        runs["bm25>mice"][query.id] = [(hit.doc_id, hit.score) for hit in result.hits]
-        seconds["bm25>mice"].append(sum(result.timings.values()))
-        if weight:
-            blended = fuse_scores(mice, bm25, weight)
-            runs["bm25>mice+bm25"][query.id] = [(ids[i], float(blended[i]))
-                                                for i in rank_order(ids, blended)]
-            seconds["bm25>mice+bm25"].append(sum(result.timings.values()))
+        seconds["bm25"].append(timings["first_stage"])
+        runs["bm25>mice"][query.id] = [(ids[i], float(mice[i])) for i in rank_order(ids, mice)]
+        seconds["bm25>mice"].append(sum(timings.values()))
+        if blend is not None:
+            blended = blend.apply(mice, bm25, maxsim)
+            runs[BLEND][query.id] = [(ids[i], float(blended[i]))
+                                     for i in rank_order(ids, blended)]
+            seconds[BLEND].append(sum(timings.values()))
         if rerankers and (args.rerank_queries is None or number < args.rerank_queries):
             from mice_engine.cross_encoder import score_texts
 
@@ -116,7 +128,7 @@ def main() -> None:
                 with torch.inference_mode():
                     values = np.asarray(score_texts(model, query.text, texts,
                                                     batch_size=args.batch_size))
-                seconds[f"bm25>{name}"].append(result.timings["first_stage"]
+                seconds[f"bm25>{name}"].append(timings["first_stage"]
                                                + time.perf_counter() - tick)
                 runs[f"bm25>{name}"][query.id] = [(ids[i], float(values[i]))
                                                   for i in rank_order(ids, values)]
@@ -125,10 +137,18 @@ def main() -> None:
                   file=sys.stderr)
 
     systems = {}
+    per_query: dict[str, dict[str, float]] = {}
     for name, run in runs.items():
         entry = {"ms_per_query": percentiles(seconds[name])}
-        if not name.startswith("bm25>") or name in ("bm25>mice", "bm25>mice+bm25"):
-            entry["all_queries"] = evaluate(run, qrels, DEFAULT_METRICS).metrics
+        if not name.startswith("bm25>") or name in ("bm25>mice", BLEND):
+            evaluation = evaluate(run, qrels, DEFAULT_METRICS)
+            entry["all_queries"] = evaluation.metrics
+            per_query[name] = evaluation.per_query["nDCG@10"]
+            if name != "bm25":
+                # Paired over the same judged queries, against BM25 alone.
+                common = sorted(per_query["bm25"])
+                entry["nDCG@10_vs_bm25"] = paired_t_test(
+                    [per_query[name][q] for q in common], [per_query["bm25"][q] for q in common])
         if subset:
             entry["subset"] = evaluate({q: run[q] for q in subset if q in run},
                                        {q: qrels[q] for q in subset if q in qrels},

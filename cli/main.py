@@ -561,6 +561,7 @@ def train(
     eval_candidates: Annotated[int | None, typer.Option(help="BM25 candidates re-ranked per held-out query (default: 100).")] = None,
     select_metric: Annotated[str | None, typer.Option(help="Dev metric that picks the best checkpoint: nDCG@10, RR@10 or R@N with N the --eval-candidates (default: nDCG@10).")] = None,
     fuse_first_stage: Annotated[bool | None, typer.Option("--fuse-first-stage/--no-fuse-first-stage", help="Tune a BM25 blend weight on the held-out queries, select checkpoints by the blend, and save the weight with the model.")] = None,
+    fuse_maxsim: Annotated[bool | None, typer.Option("--fuse-maxsim/--no-fuse-maxsim", help="With --fuse-first-stage, add the MaxSim score of the stored states (query tokens against document tokens, cosine) to the blend, its weight tuned with BM25's (scifact-cpu: on).")] = None,
     first_stage_feature: Annotated[bool | None, typer.Option("--first-stage-feature/--no-first-stage-feature", help="Train the sum of the MICE score and a learnt scale times the BM25 score, so that MICE learns what BM25 misses; search adds the same term.")] = None,
     distill_teacher: Annotated[str | None, typer.Option(help="Listwise: also distil the scores of a bi-encoder (cosine of mean-pooled embeddings) over each group; 'backbone' (the backbone's own sentence embeddings), a folder or a Hugging Face id.")] = None,
     distill_weight: Annotated[float | None, typer.Option(help="Weight of the distillation term beside the listwise loss (default: 1.0).")] = None,
@@ -590,7 +591,8 @@ def train(
             negatives_depth=negatives_depth, freeze_lower=freeze_lower,
             states_from=str(states_from) if states_from else None, eval_every=eval_every,
             eval_candidates=eval_candidates, select_metric=select_metric,
-            fuse_first_stage=fuse_first_stage, first_stage_feature=first_stage_feature,
+            fuse_first_stage=fuse_first_stage, fuse_maxsim=fuse_maxsim,
+            first_stage_feature=first_stage_feature,
             distill_teacher=distill_teacher, distill_weight=distill_weight,
             distill_temperature=distill_temperature, checkpoint_every=checkpoint_every, precision=precision, seed=seed, device=device,
         )
@@ -609,13 +611,15 @@ def train(
                f"{result.output / 'model'}")
     if result.best and result.best.get("dev"):
         dev = result.best["dev"]
-        pure = ", ".join(f"{k} {v:.4f}" for k, v in dev.items() if k != "fusion")
+        pure = ", ".join(f"{k} {v:.4f}" for k, v in dev.items() if not isinstance(v, dict))
         typer.echo(f"selected step {result.best['step']} by {result.best['metric']}: {pure}")
         if dev.get("fusion"):
+            from mice_engine.training import BLEND_KEYS
+
             fused = dev["fusion"]
-            how = ", ".join(f"{k} {v:.3f}" for k, v in fused.items() if k.startswith("first"))
-            blend = ", ".join(f"{k} {v:.4f}" for k, v in fused.items() if not k.startswith("first"))
-            typer.echo(f"with BM25 ({how}): {blend}")
+            weights = ", ".join(f"{k} {v:.3f}" for k, v in fused.items() if k in BLEND_KEYS)
+            blend = ", ".join(f"{k} {v:.4f}" for k, v in fused.items() if k not in BLEND_KEYS)
+            typer.echo(f"with BM25 ({weights}): {blend}")
 
 @app.command("export", cls=FlagCommand)
 def export_model(

@@ -55,6 +55,7 @@ from .model import (
     _new_bert_layer,
     _Pooler,
     load_model,
+    maxsim_scores,
     resolve_backbone,
 )
 
@@ -627,9 +628,12 @@ def score_texts(
     query: str,
     documents: Sequence[str],
     batch_size: int = 32,
-) -> np.ndarray:
+    with_maxsim: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Score documents for one query with either kind of model; returns float32 scores in the
-    order of ``documents``.
+    order of ``documents``. With ``with_maxsim`` (MICE models only), returns (scores, MaxSim
+    scores): the MaxSim score of each document's lower-layer states, computed from the states
+    that the MICE scores read (see :func:`mice_engine.model.maxsim_scores`).
 
     Texts are tokenised afresh with the model's own lengths and scored through
     ``model.forward`` in batches of similar length. The model runs in eval mode and is put
@@ -642,9 +646,13 @@ def score_texts(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if isinstance(documents, str):
         raise TypeError("documents must be a sequence of texts, not one string")
+    if with_maxsim and not isinstance(model, MiceModel):
+        raise ModelError("MaxSim scores need the lower-layer states of a MICE model; this model "
+                         "is a cross-encoder")
     scores = np.empty(len(documents), dtype=np.float32)
+    maxsim = np.empty(len(documents), dtype=np.float32) if with_maxsim else None
     if not documents:
-        return scores
+        return (scores, maxsim) if with_maxsim else scores
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ModelError("this model has no tokenizer, so it cannot score texts")
@@ -667,7 +675,14 @@ def score_texts(
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 doc_ids, doc_mask = pad([doc_tokens[i] for i in rows], pad_id, model.device)
-                logits = model(query_ids, query_mask, doc_ids, doc_mask)
+                if maxsim is None:
+                    logits = model(query_ids, query_mask, doc_ids, doc_mask)
+                else:
+                    query_states = model.encode(query_ids, query_mask)
+                    doc_states = model.encode(doc_ids, doc_mask)
+                    logits = model.score_states(query_states, query_mask, doc_states, doc_mask)
+                    maxsim[rows] = maxsim_scores(query_states, query_mask, doc_states,
+                                                 doc_mask).cpu().numpy()
                 scores[rows] = logits.float().cpu().numpy()
     finally:
         model.train(was_training)
@@ -677,4 +692,4 @@ def score_texts(
             f"non-finite score for document {bad} of query {query!r}; the model weights may "
             "hold NaN or infinite values"
         )
-    return scores
+    return (scores, maxsim) if with_maxsim else scores

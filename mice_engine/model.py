@@ -111,6 +111,52 @@ def query_self_attention_mask(query_mask: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def maxsim_token_maxima(query_states: torch.Tensor, query_mask: torch.Tensor,
+                        doc_states: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
+    """Return, for each query token, its highest cosine similarity with a document token.
+
+    ``query_states`` (Bq, Lq, H) with ``query_mask`` (Bq, Lq), Bq being 1 or B;
+    ``doc_states`` (B, Ld, H) with ``doc_mask`` (B, Ld). Both are lower-layer states: what
+    :meth:`MiceModel.encode` returns and an index stores. Returns (B, Lq) float32; the values
+    under query padding are unspecified. The maxima of a document split into windows combine
+    by an element-wise maximum, which gives the maxima over the whole document.
+    """
+    queries = F.normalize(query_states.float(), dim=-1)
+    documents = F.normalize(doc_states.float(), dim=-1)
+    if queries.shape[0] == 1:
+        similarity = torch.einsum("qh,bdh->bqd", queries[0], documents)
+    else:
+        similarity = torch.einsum("bqh,bdh->bqd", queries, documents)
+    similarity = similarity.masked_fill(~doc_mask.bool()[:, None, :], -2.0)
+    return similarity.max(dim=-1).values
+
+
+def maxsim_from_maxima(maxima: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    """Average (B, Lq) token maxima over the query's own tokens: every non-padding token but
+    the first (``[CLS]``) and the last (``[SEP]``). Returns (B,) float32.
+
+    This is the late-interaction score of ColBERT (Khattab and Zaharia, 2020), averaged rather
+    than summed so that it lies in [-1, 1] whatever the query length, and computed on the
+    states of the MICE merge layer.
+    """
+    keep = query_mask.bool().clone()
+    lengths = keep.sum(dim=1)
+    keep[:, 0] = False
+    keep[torch.arange(keep.shape[0], device=keep.device), (lengths - 1).clamp(min=0)] = False
+    if keep.shape[0] == 1 and maxima.shape[0] != 1:
+        keep = keep.expand(maxima.shape[0], -1)
+    counts = keep.sum(dim=1).clamp(min=1)
+    return (maxima * keep).sum(dim=1) / counts
+
+
+def maxsim_scores(query_states: torch.Tensor, query_mask: torch.Tensor,
+                  doc_states: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
+    """Compute the MaxSim score of each document: :func:`maxsim_token_maxima` averaged by
+    :func:`maxsim_from_maxima`. Returns (B,) float32."""
+    maxima = maxsim_token_maxima(query_states, query_mask, doc_states, doc_mask)
+    return maxsim_from_maxima(maxima, query_mask)
+
+
 # The parameter holders below use the attribute names of Hugging Face's BertLayer, so that a
 # backbone layer's state dict loads into them as it is. Their forward code is ours.
 class _Projections(nn.Module):

@@ -125,11 +125,16 @@ def rerank(
     for query_id, results in candidates.items():
         tick = time.perf_counter()
         doc_ids = [doc_id for doc_id, _ in results]
-        scores = score_texts(model, query_texts[query_id], [documents[i] for i in doc_ids],
-                             batch_size=batch_size)
+        texts = [documents[i] for i in doc_ids]
+        maxsim = None
+        if blend is not None and blend.needs_maxsim:
+            scores, maxsim = score_texts(model, query_texts[query_id], texts,
+                                         batch_size=batch_size, with_maxsim=True)
+        else:
+            scores = score_texts(model, query_texts[query_id], texts, batch_size=batch_size)
         if blend is not None:
             first_stage_scores = np.array([score for _, score in results], dtype=np.float64)
-            scores = blend.apply(scores, first_stage_scores)
+            scores = blend.apply(scores, first_stage_scores, maxsim)
         order = rank_order(doc_ids, scores)
         result.seconds[query_id] = time.perf_counter() - tick
         result.run[query_id] = [(doc_ids[i], float(scores[i])) for i in order]

@@ -21,7 +21,13 @@ import numpy as np
 from .dense import DENSE_FILE, DenseFirstStage, reciprocal_rank_fusion
 from .first_stage import BM25_DIR, BM25FirstStage
 from .indexing import MiceIndexError, read_manifest, resolve_device
-from .model import DEFAULT_MODEL_NAME, MiceModel, load_model
+from .model import (
+    DEFAULT_MODEL_NAME,
+    MiceModel,
+    load_model,
+    maxsim_from_maxima,
+    maxsim_token_maxima,
+)
 from .sources import Query
 from .store import StateStore
 
@@ -178,23 +184,34 @@ class Index:
 
 
 def fuse_scores(mice_scores: np.ndarray, first_stage_scores: np.ndarray,
-                first_stage_weight: float) -> np.ndarray:
-    """Blend MICE and first-stage scores of one query's candidates.
+                first_stage_weight: float, maxsim_scores: np.ndarray | None = None,
+                maxsim_weight: float = 0.0) -> np.ndarray:
+    """Blend MICE and first-stage scores of one query's candidates, and optionally their
+    MaxSim scores (see :func:`mice_engine.model.maxsim_scores`).
 
     Each list is standardised over the candidates (zero mean, unit deviation; a constant list
-    becomes zeros), then ``(1 - w) * mice + w * first_stage``. ``w = 0`` keeps the MICE ranking.
+    becomes zeros), then ``(1 - w - m) * mice + w * first_stage + m * maxsim``, with ``w`` the
+    first-stage weight and ``m`` the MaxSim weight. ``w = m = 0`` keeps the MICE ranking.
     """
     def standardise(values: np.ndarray) -> np.ndarray:
-        values = values.astype(np.float64)
+        values = np.asarray(values, dtype=np.float64)
         deviation = values.std()
         return (values - values.mean()) / deviation if deviation > 0 else np.zeros_like(values)
 
     w = float(first_stage_weight)
+    m = float(maxsim_weight)
     if not 0.0 <= w <= 1.0:
         raise ValueError(f"first_stage_weight must be between 0 and 1, got {w}")
-    if w == 0.0:
+    if not 0.0 <= m <= 1.0 - w + 1e-9:
+        raise ValueError(f"maxsim_weight must be between 0 and 1 - first_stage_weight "
+                         f"({1.0 - w:g}), got {m}")
+    if m > 0.0 and maxsim_scores is None:
+        raise ValueError("maxsim_weight is above 0 but no MaxSim scores were given")
+    if w == 0.0 and m == 0.0:
         return np.asarray(mice_scores, dtype=np.float32)
-    blended = (1 - w) * standardise(mice_scores) + w * standardise(first_stage_scores)
+    blended = max(0.0, 1 - w - m) * standardise(mice_scores) + w * standardise(first_stage_scores)
+    if m > 0.0:
+        blended = blended + m * standardise(maxsim_scores)
     return blended.astype(np.float32)
 
 
@@ -204,14 +221,17 @@ class FirstStageBlend:
     ``mice_config.json`` (``fusion``).
 
     A model tuned with ``--fuse-first-stage`` carries ``weight`` and ranks by
-    :func:`fuse_scores`. A model trained with ``--first-stage-feature`` carries ``scale`` and
-    ranks by ``MICE + scale * BM25``. Both were fitted on BM25 scores of this engine's index.
+    :func:`fuse_scores`; tuned with ``--fuse-maxsim`` as well, it also carries
+    ``maxsim_weight``, and the blend adds the MaxSim score of the candidates' stored states. A
+    model trained with ``--first-stage-feature`` carries ``scale`` and ranks by
+    ``MICE + scale * BM25``. All were fitted on BM25 scores of this engine's index.
     """
 
     weight: float | None = None
     scale: float | None = None
     # Candidates per held-out query on which ``weight`` was tuned; None when not recorded.
     tuned_candidates: int | None = None
+    maxsim_weight: float = 0.0
 
     @classmethod
     def for_model(cls, model: Any, enabled: bool = True) -> FirstStageBlend | None:
@@ -220,16 +240,25 @@ class FirstStageBlend:
         settings = getattr(model.config, "fusion", None) or {}
         weight = settings.get("first_stage_weight")
         scale = settings.get("first_stage_scale")
-        if not enabled or not (weight or scale):
+        maxsim = settings.get("maxsim_weight")
+        if not enabled or not (weight or scale or maxsim):
             return None
         if scale:
             return cls(scale=float(scale))
         training = getattr(model.config, "training", None) or {}
         tuned = (training.get("settings") or {}).get("eval_candidates")
-        return cls(weight=float(weight), tuned_candidates=int(tuned) if tuned else None)
+        return cls(weight=float(weight or 0.0), tuned_candidates=int(tuned) if tuned else None,
+                   maxsim_weight=float(maxsim or 0.0))
 
-    def apply(self, mice_scores: np.ndarray, first_stage_scores: np.ndarray) -> np.ndarray:
-        """Combine one query's MICE scores with the first-stage scores of the same candidates."""
+    @property
+    def needs_maxsim(self) -> bool:
+        """Whether :meth:`apply` needs the candidates' MaxSim scores."""
+        return self.maxsim_weight > 0.0
+
+    def apply(self, mice_scores: np.ndarray, first_stage_scores: np.ndarray,
+              maxsim_scores: np.ndarray | None = None) -> np.ndarray:
+        """Combine one query's MICE scores with the first-stage scores of the same candidates
+        (and their MaxSim scores, which a blend with :attr:`needs_maxsim` requires)."""
         if len(mice_scores) != len(first_stage_scores):
             raise ValueError(f"{len(mice_scores)} MICE scores but {len(first_stage_scores)} "
                              "first-stage scores; pass one of each per candidate")
@@ -237,12 +266,22 @@ class FirstStageBlend:
             first_stage = np.asarray(first_stage_scores, dtype=np.float32)
             return (np.asarray(mice_scores, dtype=np.float32)
                     + np.float32(self.scale) * first_stage).astype(np.float32)
-        return fuse_scores(mice_scores, first_stage_scores, self.weight)
+        if self.needs_maxsim and (maxsim_scores is None
+                                  or len(maxsim_scores) != len(mice_scores)):
+            raise ValueError("this blend needs one MaxSim score per candidate; compute them "
+                             "with mice_engine.model.maxsim_scores")
+        return fuse_scores(mice_scores, first_stage_scores, self.weight or 0.0,
+                           maxsim_scores, self.maxsim_weight)
 
     def describe(self) -> str:
         """Say what a ranking with this blend ranks by, for a log line."""
         if self.scale is not None:
             return f"MICE score + {self.scale:.3f} x BM25 score, as the model was trained"
+        if self.needs_maxsim:
+            mice = max(0.0, 1.0 - (self.weight or 0.0) - self.maxsim_weight)
+            return (f"MICE ({mice:.2f}) blended with BM25 ({self.weight or 0.0:.2f}) and the "
+                    f"MaxSim of the stored states ({self.maxsim_weight:.2f}), weights tuned on "
+                    "held-out training queries")
         return (f"MICE blended with BM25 (weight {self.weight:.2f}, tuned on held-out training "
                 "queries)")
 
@@ -314,12 +353,14 @@ class Searcher:
         if first_stage_only or len(rows) == 0:
             scores, order = first_scores, first_order
         else:
-            scores, truncated = self._score(query, rows, timings, encoded)
+            with_maxsim = self.blend is not None and self.blend.needs_maxsim
+            scores, truncated, maxsim = self._score(query, rows, timings, encoded,
+                                                    with_maxsim=with_maxsim)
             if self.blend is not None:
                 # The blend was learnt with BM25 scores, whatever the first stage was.
                 bm25_scores = (first_scores if first_stage == "bm25"
                                else self.index.bm25.score_all(query)[rows])
-                scores = self.blend.apply(scores, bm25_scores)
+                scores = self.blend.apply(scores, bm25_scores, maxsim)
             order = rank_order(doc_ids, scores)
         hits = []
         for rank, i in enumerate(order[:k], start=1):
@@ -359,7 +400,12 @@ class Searcher:
                     for rows, scores in ((bm25_rows, bm25_scores), (dense_rows, dense_scores))]
         return reciprocal_rank_fusion(rankings, candidates, RRF_K)
 
-    def _score(self, query: str, rows: np.ndarray, timings: dict[str, float], encoded=None):
+    def _score(self, query: str, rows: np.ndarray, timings: dict[str, float], encoded=None,
+               with_maxsim: bool = False):
+        """Return (MICE scores, whether the query was cut, MaxSim scores or None) of ``rows``.
+
+        With ``with_maxsim``, the MaxSim score of each candidate is computed from the same
+        stored states, over all its windows; its time counts as interaction time."""
         torch = self._torch
         if not self.model.config.trained and not self._warned_untrained:
             logger.warning(
@@ -380,6 +426,8 @@ class Searcher:
                        for start, end in store.windows(int(row))]
             lengths = np.array([end - start for _, start, end in windows])
             window_scores = np.empty(len(windows), dtype=np.float32)
+            window_maxima = (np.empty((len(windows), query_states.shape[1]), dtype=np.float32)
+                             if with_maxsim else None)
             by_length = np.argsort(-lengths, kind="stable")
             for first in range(0, len(windows), self.batch_size):
                 members = by_length[first : first + self.batch_size]
@@ -395,12 +443,24 @@ class Searcher:
                 tick = time.perf_counter()
                 logits = self.model.score_groups(query_states, query_mask, groups)
                 window_scores[np.concatenate(order)] = logits.float().cpu().numpy()
+                if window_maxima is not None:
+                    for (states, mask), batch in zip(groups, order, strict=True):
+                        maxima = maxsim_token_maxima(query_states, query_mask, states, mask)
+                        window_maxima[batch] = maxima.cpu().numpy()
                 timings["interaction"] += time.perf_counter() - tick
+            owners = [i for i, _, _ in windows]
             scores = np.full(len(rows), -np.inf, dtype=np.float32)
-            np.maximum.at(scores, [i for i, _, _ in windows], window_scores)
+            np.maximum.at(scores, owners, window_scores)
+            maxsim = None
+            if window_maxima is not None:
+                # A document's token maxima are the maxima over all its windows.
+                maxima = np.full((len(rows), query_states.shape[1]), -2.0, dtype=np.float32)
+                np.maximum.at(maxima, owners, window_maxima)
+                maxsim = maxsim_from_maxima(torch.from_numpy(maxima),
+                                            query_mask.cpu()).numpy()
         if not np.isfinite(scores).all():
             raise FloatingPointError(f"non-finite MICE scores for query {query!r}")
-        return scores, truncated
+        return scores, truncated, maxsim
 
     def _load_windows(self, windows: list[tuple[int, int, int]], dtype):
         """Read windows' stored states into one zero-padded batch; returns (states, mask)."""

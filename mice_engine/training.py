@@ -90,6 +90,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint_every": 150,
         "select_metric": "nDCG@10",
         "fuse_first_stage": True,
+        "fuse_maxsim": True,
     },
 }
 
@@ -139,6 +140,9 @@ class TrainSettings:
     # Tune a BM25 blend weight on the held-out queries at each evaluation, select checkpoints by
     # the blended metric, and save the weight with the model (see search.fuse_scores).
     fuse_first_stage: bool = False
+    # With fuse_first_stage: blend the MaxSim score of the stored states too (see
+    # model.maxsim_scores), its weight tuned with the BM25 weight on the held-out queries.
+    fuse_maxsim: bool = False
     # Train the sum "MICE score + scale * BM25 score" with a learnt scale, so that MICE learns
     # what BM25 misses; the scale is saved with the model and search adds the same term.
     first_stage_feature: bool = False
@@ -279,6 +283,13 @@ class TrainSettings:
                 if value is not None:
                     raise TrainingError(f"{option} applies to --loss margin-mse, but the loss is "
                                         f"{self.loss}; pass --loss margin-mse or drop {option}")
+        if self.fuse_maxsim and not self.fuse_first_stage:
+            raise TrainingError("--fuse-maxsim adds a term to the BM25 blend; pass "
+                                "--fuse-first-stage too, or drop --fuse-maxsim")
+        if self.fuse_maxsim and self.architecture != "mice":
+            raise TrainingError(f"--fuse-maxsim needs the stored states of a MICE model, but "
+                                f"the architecture is {self.architecture}; pass --architecture "
+                                "mice or drop --fuse-maxsim")
         if self.first_stage_feature and self.fuse_first_stage:
             raise TrainingError("--first-stage-feature and --fuse-first-stage are two ways to use "
                                 "BM25; choose one")
@@ -312,7 +323,9 @@ def settings_with_preset(preset: str | None, **values: Any) -> TrainSettings:
     """Build settings from a preset's values, overridden by every value that is not None.
 
     A preset's warm-up is kept unless the steps, overridden, no longer exceed it. The warm-up
-    then follows :func:`default_warmup_steps`, as it does without a preset.
+    then follows :func:`default_warmup_steps`, as it does without a preset. A preset's
+    ``fuse_maxsim`` is dropped when the values turn ``fuse_first_stage`` off or choose an
+    architecture other than MICE.
     """
     merged: dict[str, Any] = {}
     if preset is not None:
@@ -324,6 +337,11 @@ def settings_with_preset(preset: str | None, **values: Any) -> TrainSettings:
     warmup_from_preset = values.get("warmup_steps") is None and "warmup_steps" in merged
     if warmup_from_preset and merged["warmup_steps"] >= merged.get("steps", math.inf):
         del merged["warmup_steps"]
+    # A preset's MaxSim term belongs to its BM25 blend and to MICE: it goes when the command
+    # line turns the blend off or trains another architecture.
+    if values.get("fuse_maxsim") is None and merged.get("fuse_maxsim") and (
+            not merged.get("fuse_first_stage") or merged.get("architecture", "mice") != "mice"):
+        del merged["fuse_maxsim"]
     settings = TrainSettings.from_dict(merged)
     settings.check()
     return settings
@@ -751,21 +769,58 @@ class PairScorer:
         doc_ids, doc_mask = pad(doc_tokens.input_ids, pad_id, device)
         return model(query_ids, query_mask, doc_ids, doc_mask)
 
+    @torch.no_grad()
+    def maxsim(self, query: str, rows: Sequence[int]) -> np.ndarray:
+        """MaxSim scores of one query against the documents at ``rows``, from the same
+        lower-layer states that :meth:`__call__` scores (see :func:`model.maxsim_scores`)."""
+        from .model import maxsim_scores
+
+        model = self.model
+        device = next(model.parameters()).device
+        rows = [int(r) for r in rows]
+        if self.cache is not None:
+            query_states = self.cache.query(query)[None]
+            query_mask = torch.ones(query_states.shape[:2], dtype=torch.bool, device=device)
+            parts = []
+            for first in range(0, len(rows), self.bucket):
+                arrays = self.cache.documents(rows[first : first + self.bucket], self.texts)
+                doc_states, doc_mask = stack_states(arrays, device)
+                parts.append(maxsim_scores(query_states, query_mask, doc_states, doc_mask))
+            return torch.cat(parts).cpu().numpy() if parts else np.zeros(0, dtype=np.float32)
+        pad_id = model.tokenizer.pad_token_id or 0
+        query_tokens = tokenize(model.tokenizer, [query], model.config.query_max_length)
+        query_ids, query_mask = pad(query_tokens.input_ids, pad_id, device)
+        with _lower_layers_in_eval(model):
+            query_states = model.encode(query_ids, query_mask)
+            parts = []
+            for first in range(0, len(rows), self.bucket):
+                texts = [self.texts[r] for r in rows[first : first + self.bucket]]
+                doc_tokens = tokenize(model.tokenizer, texts, model.config.doc_max_length)
+                doc_ids, doc_mask = pad(doc_tokens.input_ids, pad_id, device)
+                doc_states = model.encode(doc_ids, doc_mask)
+                parts.append(maxsim_scores(query_states, query_mask, doc_states, doc_mask))
+        return torch.cat(parts).cpu().numpy() if parts else np.zeros(0, dtype=np.float32)
+
 
 # --------------------------------------------------------------------------------------------
 # Evaluation on development queries
 FUSION_GRID = tuple(round(0.05 * i, 2) for i in range(21))
+# The keys of a blend's weights in the "fusion" part of an evaluation.
+BLEND_KEYS = ("first_stage_weight", "first_stage_scale", "maxsim_weight")
 
 
 def evaluate_reranking(scorer: PairScorer, collection: LabelledCollection, indexes: Sequence[int],
                        candidates: int, batch_size: int = 64, fusion: bool = False,
                        select_metric: str = "nDCG@10",
-                       first_stage_scale: float | None = None) -> dict[str, Any]:
+                       first_stage_scale: float | None = None,
+                       maxsim: bool = False) -> dict[str, Any]:
     """Re-rank each query's BM25 top ``candidates``; return nDCG@10, RR@10 and R@<candidates>.
 
     Ties rank by descending document id, as the search engine does. With ``fusion``, the
     result also holds ``fusion``: the BM25 blend weight of :data:`FUSION_GRID` that maximises
-    ``select_metric`` (see :func:`mice_engine.search.fuse_scores`) and the metrics it gives.
+    ``select_metric`` (see :func:`mice_engine.search.fuse_scores`) and the metrics it gives;
+    with ``maxsim`` as well, the pair of BM25 and MaxSim weights (each on the grid, summing to 1
+    at most) that maximises it, and ``maxsim_alone``, the metrics of the MaxSim ranking.
     With ``first_stage_scale``, it also holds ``fusion``: the metrics of the sum
     ``MICE + scale * BM25`` that the model was trained to produce.
     """
@@ -776,6 +831,7 @@ def evaluate_reranking(scorer: PairScorer, collection: LabelledCollection, index
     was_training = model.training
     model.eval()
     lists: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
+    maxsims: dict[str, np.ndarray] = {}
     try:
         with torch.inference_mode():
             for index in indexes:
@@ -788,16 +844,19 @@ def evaluate_reranking(scorer: PairScorer, collection: LabelledCollection, index
                 values = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
                 ids = [collection.doc_ids[int(r)] for r in rows]
                 lists[query_id] = (ids, values, first_scores)
+                if maxsim and fusion:
+                    maxsims[query_id] = scorer.maxsim(text, rows)
     finally:
         model.train(was_training)
     dev_qrels = {collection.queries[i][0]: collection.qrels[collection.queries[i][0]]
                  for i in indexes}
     names = ["nDCG@10", "RR@10", f"R@{candidates}"]
 
-    def metrics_for(weight: float) -> dict[str, float]:
+    def metrics_for(weight: float, maxsim_weight: float = 0.0) -> dict[str, float]:
         run = {}
         for query_id, (ids, values, first_scores) in lists.items():
-            blended = fuse_scores(values, first_scores, weight) if len(ids) else values
+            blended = (fuse_scores(values, first_scores, weight, maxsims.get(query_id),
+                                   maxsim_weight) if len(ids) else values)
             run[query_id] = [(ids[i], float(blended[i])) for i in rank_order(ids, blended)]
         return dict(evaluate(run, dev_qrels, names).metrics)
 
@@ -809,6 +868,19 @@ def evaluate_reranking(scorer: PairScorer, collection: LabelledCollection, index
             run[query_id] = [(ids[i], float(summed[i])) for i in rank_order(ids, summed)]
         result["fusion"] = {"first_stage_scale": first_stage_scale,
                             **evaluate(run, dev_qrels, names).metrics}
+    elif fusion and maxsims:
+        # Every (BM25, MaxSim) pair of the grid whose sum is at most 1; MICE takes the rest.
+        best_pair, best = (0.0, 0.0), result
+        for weight in FUSION_GRID:
+            for maxsim_weight in FUSION_GRID:
+                if weight + maxsim_weight > 1.0 + 1e-9 or weight == maxsim_weight == 0.0:
+                    continue
+                metrics = metrics_for(weight, maxsim_weight)
+                if metrics[select_metric] > best[select_metric]:
+                    best_pair, best = (weight, maxsim_weight), metrics
+        result["fusion"] = {"first_stage_weight": best_pair[0], "maxsim_weight": best_pair[1],
+                            **best}
+        result["maxsim_alone"] = metrics_for(0.0, 1.0)
     elif fusion:
         best_weight, best = 0.0, result
         for weight in FUSION_GRID[1:]:
@@ -1019,19 +1091,20 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
                                              fusion=settings.fuse_first_stage,
                                              select_metric=settings.select_metric,
                                              first_stage_scale=None if scale is None
-                                             else float(scale.detach()))
+                                             else float(scale.detach()),
+                                             maxsim=settings.fuse_maxsim)
                 record = {"step": step, "dev": metrics, "seconds": round(elapsed, 2)}
                 evaluations.append(record)
                 _append_log(log_path, {"eval": record})
                 chosen = metrics.get("fusion", metrics)
                 value = chosen[settings.select_metric]
                 logger.info("step %d: dev %s", step, ", ".join(
-                    f"{k} {v:.4f}" for k, v in metrics.items() if k != "fusion"))
+                    f"{k} {v:.4f}" for k, v in metrics.items() if not isinstance(v, dict)))
                 if "fusion" in metrics:
                     logger.info("step %d: dev with BM25 (%s): %s", step, ", ".join(
-                        f"{k} {v:.4f}" for k, v in chosen.items() if k.startswith("first")),
+                        f"{k} {v:.4f}" for k, v in chosen.items() if k in BLEND_KEYS),
                         ", ".join(f"{k} {v:.4f}" for k, v in chosen.items()
-                                  if not k.startswith("first")))
+                                  if k not in BLEND_KEYS))
                 if best is None or value > best["value"]:
                     best = {"step": step, "metric": settings.select_metric, "value": value,
                             "dev": metrics}
@@ -1214,10 +1287,11 @@ def _save_model(model: torch.nn.Module, settings: TrainSettings, folder: Path,
     if scale is not None:
         model.config.fusion = {"first_stage": "bm25", "mode": "sum",
                                "first_stage_scale": float(scale.detach())}
-    elif fused and fused["first_stage_weight"] > 0:
+    elif fused and (fused["first_stage_weight"] > 0 or fused.get("maxsim_weight", 0) > 0):
+        weights = ("first_stage_weight", "maxsim_weight")
         model.config.fusion = {"first_stage": "bm25", "mode": "standardised-blend",
-                               "first_stage_weight": fused["first_stage_weight"],
-                               "dev": {k: v for k, v in fused.items() if k != "first_stage_weight"}}
+                               **{k: fused[k] for k in weights if k in fused},
+                               "dev": {k: v for k, v in fused.items() if k not in weights}}
     else:
         model.config.fusion = {}
     model.config.training = {

@@ -164,7 +164,12 @@ def test_rerank_of_a_bm25_run_matches_search(adi_index, tmp_path):
     result = invoke("rerank", "--run", bm25_run, "--queries", queries, "--collection", adi,
                     "-o", reranked_run, "--depth", "20")
     assert result.exit_code == 0, result.output
-    assert "ranking: MICE blended with BM25 (weight 0.55" in result.stderr
+    from mice_engine.model import load_model
+    from mice_engine.search import FirstStageBlend
+
+    shipped = FirstStageBlend.for_model(load_model(None))
+    assert shipped is not None and shipped.needs_maxsim
+    assert f"ranking: {shipped.describe()}" in result.stderr
     # The shipped weight was tuned on 100 candidates per query.
     assert "10 of 10 queries have a candidate count other than 100" in result.stderr
 

@@ -592,7 +592,28 @@ BLENDS = {
     "standardised": {"first_stage": "bm25", "mode": "standardised-blend",
                      "first_stage_weight": 0.4},
     "sum": {"first_stage": "bm25", "mode": "sum", "first_stage_scale": 0.7},
+    "maxsim": {"first_stage": "bm25", "mode": "standardised-blend", "first_stage_weight": 0.4,
+               "maxsim_weight": 0.3},
 }
+
+
+def direct_maxsim(model, query: str, texts: list[str]) -> list[float]:
+    """MaxSim of each text, one document at a time, from the model's lower layers."""
+    from mice_engine.encoding import pad, tokenize
+    from mice_engine.model import maxsim_scores
+
+    pad_id = model.tokenizer.pad_token_id or 0
+    query_ids, query_mask = pad(tokenize(model.tokenizer, [query],
+                                         model.config.query_max_length).input_ids, pad_id, "cpu")
+    values = []
+    with torch.no_grad():
+        query_states = model.encode(query_ids, query_mask)
+        for text in texts:
+            ids, mask = pad(tokenize(model.tokenizer, [text], model.config.doc_max_length).input_ids,
+                            pad_id, "cpu")
+            values.append(float(maxsim_scores(query_states, query_mask, model.encode(ids, mask),
+                                              mask)[0]))
+    return values
 
 
 @pytest.mark.parametrize("mode", sorted(BLENDS))
@@ -626,6 +647,9 @@ def test_rerank_applies_model_blend(tiny_mice, collection, tmp_path, mode):
         first_scores = np.array([score for _, score in first_stage])
         if mode == "sum":
             expected = mice + 0.7 * first_scores
+        elif mode == "maxsim":
+            maxsim = np.array(direct_maxsim(tiny_mice, QUERY_TEXTS[query_id], texts))
+            expected = fuse_scores(mice, first_scores, 0.4, maxsim, 0.3)
         else:
             expected = fuse_scores(mice, first_scores, 0.4)
         blended_scores = {doc_id: score for doc_id, _, score, *_ in blended[query_id]}

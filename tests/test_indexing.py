@@ -653,6 +653,33 @@ def test_windowed_document_scores_its_best_window(tiny_model, tmp_path):
     searcher.close()
 
 
+def test_maxsim_of_a_windowed_document_reads_all_its_tokens(tiny_model, tmp_path):
+    from mice_engine.encoding import encode_query
+    from mice_engine.model import maxsim_scores
+    from mice_engine.search import STAGES, Searcher
+
+    words = ["cells", "protein", "gene", "dna", "blood"]
+    long_text = " ".join(words * 40)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"_id": "long", "text": long_text},
+                                                      {"_id": "short", "text": "gene"}])
+    build_index(corpus, tmp_path / "index", model=tiny_model, long_documents="windows",
+                window_stride=40, show_progress=False)
+    searcher = Searcher(tmp_path / "index", model=tiny_model)
+    store = searcher.index.store
+    query, query_mask, _ = encode_query(tiny_model, "gene blood cells")
+    rows = np.array([0, 1])
+    _, _, maxsim = searcher._score("gene blood cells", rows, dict.fromkeys(STAGES, 0.0),
+                                   with_maxsim=True)
+    assert len(store.windows(0)) > 1
+    for row in rows:
+        # Every stored token of the document, all windows together, in one MaxSim.
+        tokens = np.concatenate([store.rows(start, end) for start, end in store.windows(int(row))])
+        states = torch.from_numpy(tokens.astype(np.float32))[None]
+        expected = maxsim_scores(query, query_mask, states, torch.ones(1, len(tokens)))
+        assert maxsim[row] == pytest.approx(float(expected[0]), abs=1e-5)
+    searcher.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Output folders and failed builds
 def test_overwrite_refuses_folder_that_is_no_index(tiny_model, tmp_path):

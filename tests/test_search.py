@@ -262,6 +262,89 @@ def test_model_with_a_blend_weight_ranks_by_the_blend(adi_index, tiny_backbone):
     assert [h.score for h in blended.hits] == sorted((h.score for h in blended.hits), reverse=True)
 
 
+def test_fuse_scores_with_maxsim_matches_hand_computation():
+    from mice_engine.search import fuse_scores
+
+    mice = np.array([3.0, 1.0, 2.0])
+    bm25 = np.array([10.0, 30.0, 20.0])
+    maxsim = np.array([0.2, 0.4, 0.9])
+    z = np.sqrt(1.5)
+    # maxsim: mean 0.5, deviation sqrt(0.26/3); its z-scores
+    zm = (maxsim - 0.5) / np.sqrt(0.26 / 3)
+    expected = 0.5 * np.array([z, -z, 0.0]) + 0.2 * np.array([-z, z, 0.0]) + 0.3 * zm
+    np.testing.assert_allclose(fuse_scores(mice, bm25, 0.2, maxsim, 0.3), expected, atol=1e-6)
+    np.testing.assert_allclose(fuse_scores(mice, bm25, 0.0, maxsim, 1.0), zm, atol=1e-6)
+    np.testing.assert_allclose(fuse_scores(mice, bm25, 0.2, maxsim, 0.0),
+                               fuse_scores(mice, bm25, 0.2), atol=1e-7)
+    with pytest.raises(ValueError, match="maxsim_weight must be between 0 and 1 - "):
+        fuse_scores(mice, bm25, 0.8, maxsim, 0.3)
+    with pytest.raises(ValueError, match="no MaxSim scores"):
+        fuse_scores(mice, bm25, 0.2, None, 0.3)
+
+
+def test_maxsim_scores_match_a_direct_computation():
+    import torch
+    import torch.nn.functional as F
+
+    from mice_engine.model import maxsim_scores
+
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(3, 6, 8, generator=generator)
+    query_mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]).bool()
+    docs = torch.randn(3, 5, 8, generator=generator)
+    doc_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]).bool()
+
+    def direct(q, q_mask, d, d_mask):
+        length = int(q_mask.sum())
+        terms = range(1, length - 1)  # not [CLS], not the final [SEP]
+        best = [max(float(F.cosine_similarity(q[i], d[j], dim=0))
+                    for j in range(d.shape[0]) if d_mask[j]) for i in terms]
+        return sum(best) / len(best)
+
+    per_pair = maxsim_scores(queries, query_mask, docs, doc_mask)
+    for b in range(3):
+        assert float(per_pair[b]) == pytest.approx(
+            direct(queries[b], query_mask[b], docs[b], doc_mask[b]), abs=1e-5)
+    shared = maxsim_scores(queries[:1], query_mask[:1], docs, doc_mask)
+    for b in range(3):
+        assert float(shared[b]) == pytest.approx(
+            direct(queries[0], query_mask[0], docs[b], doc_mask[b]), abs=1e-5)
+
+
+def test_model_with_a_maxsim_blend_ranks_by_it(adi_index, tiny_backbone):
+    """The blend's MaxSim term equals MaxSim computed on the states read from the HDF5 file."""
+    import torch
+
+    from mice_engine.encoding import encode_query
+    from mice_engine.model import maxsim_scores
+    from mice_engine.search import fuse_scores
+
+    model = MiceModel.from_backbone(tiny_backbone, merge_layer=2, interaction_layers=2,
+                                    query_max_length=32, doc_max_length=64)
+    plain = Searcher(adi_index, model=model).search(QUERY, k=20, candidates=20)
+    model.config.fusion = {"first_stage": "bm25", "first_stage_weight": 0.3,
+                           "maxsim_weight": 0.4}
+    searcher = Searcher(adi_index, model=model)
+    blended = searcher.search(QUERY, k=20, candidates=20)
+    store = searcher.index.store
+    query_states, query_mask, _ = encode_query(model, QUERY)
+    maxsim = []
+    for hit in plain.hits:
+        start, end = store.windows(store.position(hit.doc_id))[0]
+        states = torch.from_numpy(store.rows(start, end).astype(np.float32))[None]
+        maxsim.append(float(maxsim_scores(query_states, query_mask, states,
+                                          torch.ones(1, end - start))[0]))
+    mice = np.array([h.score for h in plain.hits])
+    bm25 = np.array([h.first_stage_score for h in plain.hits])
+    expected = fuse_scores(mice, bm25, 0.3, np.array(maxsim), 0.4)
+    expected_by_id = {h.doc_id: expected[i] for i, h in enumerate(plain.hits)}
+    assert len(set(maxsim)) > 1
+    for hit in blended.hits:
+        assert hit.score == pytest.approx(float(expected_by_id[hit.doc_id]), abs=1e-5)
+    assert [h.score for h in blended.hits] == sorted((h.score for h in blended.hits), reverse=True)
+    searcher.close()
+
+
 def test_model_trained_with_a_bm25_term_ranks_by_the_sum(adi_index, tiny_backbone):
     model = MiceModel.from_backbone(tiny_backbone, merge_layer=2, interaction_layers=2,
                                     query_max_length=32, doc_max_length=64)

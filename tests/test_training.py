@@ -620,3 +620,46 @@ def test_first_stage_feature_excludes_the_blend():
     with pytest.raises(TrainingError, match="choose one"):
         settings_with_preset(None, train="x", output="o", first_stage_feature=True,
                              fuse_first_stage=True)
+
+
+@pytest.mark.parametrize("freeze_lower", [False, True])
+def test_maxsim_blend_is_tuned_with_bm25_and_saved(tiny_backbone, collection, tmp_path,
+                                                   freeze_lower):
+    from mice_engine.training import LabelledCollection, StateCache, evaluate_reranking
+
+    settings = tiny_settings(tiny_backbone, collection, tmp_path / "run", fuse_first_stage=True,
+                             fuse_maxsim=True, freeze_lower=freeze_lower, dev_queries=3)
+    result = train(settings, progress=False)
+    dev = result.best["dev"]
+    fused = dev["fusion"]
+    assert 0.0 <= fused["first_stage_weight"] and 0.0 <= fused["maxsim_weight"]
+    assert fused["first_stage_weight"] + fused["maxsim_weight"] <= 1.0 + 1e-9
+    assert set(dev["maxsim_alone"]) == {"nDCG@10", "RR@10", "R@5"}
+    saved = MiceModel.load(tmp_path / "run" / "model")
+    if fused["first_stage_weight"] > 0 or fused["maxsim_weight"] > 0:
+        assert saved.config.fusion["first_stage_weight"] == fused["first_stage_weight"]
+        assert saved.config.fusion["maxsim_weight"] == fused["maxsim_weight"]
+
+    # The grid with MaxSim holds the grid without it, so its best is at least as good.
+    labelled = LabelledCollection(str(collection), "train", negatives_depth=5)
+    cache = StateCache(saved) if freeze_lower else None
+    scorer = PairScorer(saved, cache, labelled.texts)
+    queries = list(range(len(labelled.queries)))
+    with_maxsim = evaluate_reranking(scorer, labelled, queries, 5, fusion=True, maxsim=True)
+    without = evaluate_reranking(scorer, labelled, queries, 5, fusion=True)
+    assert with_maxsim["fusion"]["nDCG@10"] >= without["fusion"]["nDCG@10"]
+    assert with_maxsim["nDCG@10"] == without["nDCG@10"]
+
+
+def test_maxsim_blend_needs_the_bm25_blend_and_mice():
+    with pytest.raises(TrainingError, match="--fuse-maxsim adds a term to the BM25 blend"):
+        settings_with_preset(None, train="x", output="o", fuse_maxsim=True)
+    with pytest.raises(TrainingError, match="--fuse-maxsim needs the stored states"):
+        settings_with_preset(None, train="x", output="o", fuse_first_stage=True,
+                             fuse_maxsim=True, architecture="cross-encoder")
+    # The preset's MaxSim term follows its blend and its architecture.
+    assert settings_with_preset("scifact-cpu", train="x", output="o").fuse_maxsim
+    assert not settings_with_preset("scifact-cpu", train="x", output="o",
+                                    fuse_first_stage=False).fuse_maxsim
+    assert not settings_with_preset("scifact-cpu", train="x", output="o", freeze_lower=False,
+                                    architecture="cross-encoder").fuse_maxsim
