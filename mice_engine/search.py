@@ -24,6 +24,7 @@ from .indexing import MiceIndexError, read_manifest, resolve_device
 from .model import (
     DEFAULT_MODEL_NAME,
     MiceModel,
+    ModelError,
     load_model,
     maxsim_from_maxima,
     maxsim_token_maxima,
@@ -245,10 +246,21 @@ class FirstStageBlend:
             return None
         if scale:
             return cls(scale=float(scale))
+        source = getattr(model, "source", None) or "the model"
+        try:
+            weight, maxsim = float(weight or 0.0), float(maxsim or 0.0)
+        except (TypeError, ValueError):
+            raise ModelError(f"fusion weights of {source} are not numbers (first_stage_weight="
+                             f"{weight!r}, maxsim_weight={maxsim!r}); fix mice_config.json or "
+                             "retrain the model") from None
+        if not (0.0 <= weight <= 1.0 and 0.0 <= maxsim <= 1.0 and weight + maxsim <= 1.0 + 1e-9):
+            raise ModelError(f"fusion weights of {source} are invalid: first_stage_weight="
+                             f"{weight} and maxsim_weight={maxsim} must each lie in [0, 1] and "
+                             "sum to 1 at most; fix mice_config.json or retrain the model")
         training = getattr(model.config, "training", None) or {}
         tuned = (training.get("settings") or {}).get("eval_candidates")
-        return cls(weight=float(weight or 0.0), tuned_candidates=int(tuned) if tuned else None,
-                   maxsim_weight=float(maxsim or 0.0))
+        return cls(weight=weight, tuned_candidates=int(tuned) if tuned else None,
+                   maxsim_weight=maxsim)
 
     @property
     def needs_maxsim(self) -> bool:
