@@ -297,7 +297,7 @@ def search(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="TREC run file to write for --queries ('-' for standard output).")] = None,
     tag: Annotated[str | None, typer.Option(help="Run tag in the TREC file (default: mice or bm25).")] = None,
     model: Annotated[str | None, typer.Option(help="Score with this model instead of the index's own (its lower layers must be identical).")] = None,
-    fusion: Annotated[bool, typer.Option("--fusion/--no-fusion", help="Blend MICE with BM25 scores when the model carries a tuned blend weight (the shipped default does); --no-fusion ranks by MICE alone.")] = True,
+    fusion: Annotated[bool, typer.Option("--fusion/--no-fusion", help="Blend MICE with BM25 scores (and MaxSim scores of the stored states) when the model carries tuned blend weights (the shipped default does); --no-fusion ranks by MICE alone.")] = True,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Candidates scored per forward pass.")] = 128,
     timings: Annotated[Path | None, typer.Option(help="Write per-query stage timings and their p50/p95 as JSON to this file.")] = None,
@@ -721,16 +721,16 @@ def rerank(
 
 
 def _note_candidate_counts(blend, candidates: dict[str, list]) -> None:
-    """Print how many queries have another candidate count than the blend weight was tuned on,
-    since the blend standardises scores over each query's candidates."""
+    """Print how many queries have another candidate count than the blend weights were tuned
+    on, since the blend standardises scores over each query's candidates."""
     tuned = blend.tuned_candidates
     if blend.weight is None or tuned is None:
         return
     other = sum(len(results) != tuned for results in candidates.values())
     if other:
         typer.echo(f"note: {other} of {len(candidates)} queries have a candidate count other "
-                   f"than {tuned}, the count the blend weight was tuned on. The blend "
-                   "standardises scores over each query's candidates, so the weight may suit "
+                   f"than {tuned}, the count the blend weights were tuned on. The blend "
+                   "standardises scores over each query's candidates, so the weights may suit "
                    "them less; compare with --no-fusion", err=True)
 
 
