@@ -548,11 +548,13 @@ def test_smoke_efficiency_probes_are_recorded(smoke):
         assert bare[when]["documents"] == SLICE_DOCUMENTS
         assert bare[when]["tokens"] == index["tokens"]
         assert bare[when]["tokens_per_second"] > 0
+    # Fractions are recorded to 4 decimals: a small one, on a loaded machine, needs an absolute
+    # tolerance for that rounding beside the relative one.
     assert bare["indexing_fraction"] == pytest.approx(
-        index["tokens_per_second"] / bare["tokens_per_second"], rel=1e-3)
+        index["tokens_per_second"] / bare["tokens_per_second"], rel=1e-3, abs=1e-4)
     assert 0 < index["forward_seconds"] < index["encode_seconds"] <= index["build_seconds"]
     assert bare["indexing_fraction_in_build"] == pytest.approx(
-        index["forward_seconds"] / index["build_seconds"], rel=1e-3)
+        index["forward_seconds"] / index["build_seconds"], rel=1e-3, abs=1e-4)
     assert index["memory"]["peak_rss_mib"] > 0
     for when in ("start", "end"):
         assert record["matmul"][when]["best_gflops"] > 0
