@@ -619,7 +619,7 @@ def train(
             fused = dev["fusion"]
             weights = ", ".join(f"{k} {v:.3f}" for k, v in fused.items() if k in BLEND_KEYS)
             blend = ", ".join(f"{k} {v:.4f}" for k, v in fused.items() if k not in BLEND_KEYS)
-            typer.echo(f"with BM25 ({weights}): {blend}")
+            typer.echo(f"blend ({weights}): {blend}")
 
 @app.command("export", cls=FlagCommand)
 def export_model(

@@ -96,7 +96,7 @@ def read_trec_run(path: str | os.PathLike) -> Run:
     which they first appear.
 
     Raises SourceError with the line number on a line without 6 columns, a non-integer
-    rank, a score that is not a number or is NaN, and a repeated (qid, docid) pair.
+    rank, a score that is not a finite number, and a repeated (qid, docid) pair.
     """
     source = Path(path)
     if not source.is_file():
@@ -141,10 +141,10 @@ def _parse_run_line(path: Path, number: int, line: str) -> tuple[str, str, float
         score = float(score_text)
     except ValueError:
         score = math.nan
-    if math.isnan(score):
+    if not math.isfinite(score):
         raise SourceError(
             f"{path}, line {number}: score {score_text!r} of query {query_id!r} is not a "
-            "number. Write the score as a number in the fifth column."
+            "finite number. Write the score as a finite number in the fifth column."
         )
     return query_id, document_id, score
 

@@ -9,6 +9,7 @@ evaluation agree on ranks.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -239,14 +240,32 @@ class FirstStageBlend:
         """Return the blend that ``model`` carries, or None when it carries none (cross-encoders
         never do) or when ``enabled`` is False."""
         settings = getattr(model.config, "fusion", None) or {}
+        source = getattr(model, "source", None) or "the model"
+        if not isinstance(settings, dict):
+            raise ModelError(f"fusion of {source} is {settings!r}, not an object of weights; fix "
+                             "mice_config.json or retrain the model")
+
         weight = settings.get("first_stage_weight")
         scale = settings.get("first_stage_scale")
         maxsim = settings.get("maxsim_weight")
         if not enabled or not (weight or scale or maxsim):
             return None
+
         if scale:
-            return cls(scale=float(scale))
-        source = getattr(model, "source", None) or "the model"
+            if maxsim:
+                raise ModelError(f"fusion of {source} has both first_stage_scale and "
+                                 "maxsim_weight, but the sum mode takes no MaxSim term; fix "
+                                 "mice_config.json or retrain the model")
+            try:
+                scale = float(scale)
+            except (TypeError, ValueError):
+                scale = math.nan
+            if not math.isfinite(scale):
+                written = settings["first_stage_scale"]
+                raise ModelError(f"first_stage_scale of {source} is {written!r}, not a finite "
+                                 "number; fix mice_config.json or retrain the model")
+            return cls(scale=scale)
+
         try:
             weight, maxsim = float(weight or 0.0), float(maxsim or 0.0)
         except (TypeError, ValueError):
@@ -257,6 +276,7 @@ class FirstStageBlend:
             raise ModelError(f"fusion weights of {source} are invalid: first_stage_weight="
                              f"{weight} and maxsim_weight={maxsim} must each lie in [0, 1] and "
                              "sum to 1 at most; fix mice_config.json or retrain the model")
+
         training = getattr(model.config, "training", None) or {}
         tuned = (training.get("settings") or {}).get("eval_candidates")
         return cls(weight=weight, tuned_candidates=int(tuned) if tuned else None,
@@ -292,8 +312,8 @@ class FirstStageBlend:
         if self.needs_maxsim:
             mice = max(0.0, 1.0 - (self.weight or 0.0) - self.maxsim_weight)
             return (f"MICE ({mice:.2f}) blended with BM25 ({self.weight or 0.0:.2f}) and the "
-                    f"MaxSim of the stored states ({self.maxsim_weight:.2f}), weights tuned on "
-                    "held-out training queries")
+                    f"MaxSim of the merge-layer states ({self.maxsim_weight:.2f}), weights tuned "
+                    "on held-out training queries")
         return (f"MICE blended with BM25 (weight {self.weight:.2f}, tuned on held-out training "
                 "queries)")
 

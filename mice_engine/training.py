@@ -251,7 +251,8 @@ class TrainSettings:
     def _check_combinations(self) -> None:
         if self.freeze_lower and self.architecture != "mice":
             raise TrainingError("--freeze-lower applies to MICE only: a cross-encoder has no "
-                                "document states to precompute")
+                                "document states to precompute; pass --train-lower (a preset "
+                                "such as scifact-cpu turns --freeze-lower on)")
         if self.states_from and not self.freeze_lower:
             raise TrainingError("--states-from needs --freeze-lower: stored states come from the "
                                 "backbone's lower layers, which must then stay fixed")
@@ -283,6 +284,10 @@ class TrainSettings:
                 if value is not None:
                     raise TrainingError(f"{option} applies to --loss margin-mse, but the loss is "
                                         f"{self.loss}; pass --loss margin-mse or drop {option}")
+        if self.fuse_first_stage and self.dev_queries == 0:
+            raise TrainingError("--fuse-first-stage tunes the blend weights on held-out queries, "
+                                "but --dev-queries is 0; pass --dev-queries 100 (or more), or "
+                                "--no-fuse-first-stage for a model that ranks by MICE alone")
         if self.fuse_maxsim and not self.fuse_first_stage:
             raise TrainingError("--fuse-maxsim adds a term to the BM25 blend; pass "
                                 "--fuse-first-stage too, or drop --fuse-maxsim")
@@ -292,7 +297,8 @@ class TrainSettings:
                                 "mice or drop --fuse-maxsim")
         if self.first_stage_feature and self.fuse_first_stage:
             raise TrainingError("--first-stage-feature and --fuse-first-stage are two ways to use "
-                                "BM25; choose one")
+                                "BM25; choose one (a preset such as scifact-cpu turns --fuse-first-stage on: pass "
+                                "--no-fuse-first-stage with --first-stage-feature)")
         if self.first_stage_feature and self.loss != "listwise":
             raise TrainingError("--first-stage-feature needs --loss listwise (BM25 scores come "
                                 "from the collection's own index)")
@@ -1101,7 +1107,7 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
                 logger.info("step %d: dev %s", step, ", ".join(
                     f"{k} {v:.4f}" for k, v in metrics.items() if not isinstance(v, dict)))
                 if "fusion" in metrics:
-                    logger.info("step %d: dev with BM25 (%s): %s", step, ", ".join(
+                    logger.info("step %d: dev blend (%s): %s", step, ", ".join(
                         f"{k} {v:.4f}" for k, v in chosen.items() if k in BLEND_KEYS),
                         ", ".join(f"{k} {v:.4f}" for k, v in chosen.items()
                                   if k not in BLEND_KEYS))

@@ -355,10 +355,11 @@ def test_run_invalid_score(tmp_path: Path) -> None:
         read_trec_run(path)
 
 
-def test_run_nan_score_read_rejected(tmp_path: Path) -> None:
+@pytest.mark.parametrize("score", ["nan", "inf", "-inf", "1e400"])
+def test_run_non_finite_score_read_rejected(tmp_path: Path, score: str) -> None:
     path = tmp_path / "run.trec"
-    path.write_text("q1 Q0 d1 1 nan t\n", encoding="utf-8")
-    with pytest.raises(SourceError, match="not a number"):
+    path.write_text(f"q1 Q0 d1 1 {score} t\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=f"score '{score}' .* is not a finite number"):
         read_trec_run(path)
 
 

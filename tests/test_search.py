@@ -346,17 +346,22 @@ def test_model_with_a_maxsim_blend_ranks_by_it(adi_index, tiny_backbone):
 
 
 @pytest.mark.parametrize("fusion", [
-    {"first_stage_weight": 0.8, "maxsim_weight": 0.3},
-    {"first_stage_weight": -0.1},
-    {"first_stage_weight": 0.2, "maxsim_weight": "high"},
+    {"first_stage": "bm25", "first_stage_weight": 0.8, "maxsim_weight": 0.3},
+    {"first_stage": "bm25", "first_stage_weight": -0.1},
+    {"first_stage": "bm25", "first_stage_weight": 0.2, "maxsim_weight": "high"},
+    {"first_stage": "bm25", "first_stage_scale": "abc"},
+    {"first_stage": "bm25", "first_stage_scale": float("nan")},
+    {"first_stage": "bm25", "first_stage_scale": 0.5, "maxsim_weight": 0.3},
+    "x",
+    [0.3, 0.35],
 ])
-def test_invalid_blend_weights_fail_when_the_searcher_opens(adi_index, tiny_backbone, fusion):
+def test_invalid_blend_config_fails_when_the_searcher_opens(adi_index, tiny_backbone, fusion):
     from mice_engine.model import ModelError
 
     model = MiceModel.from_backbone(tiny_backbone, merge_layer=2, interaction_layers=2,
                                     query_max_length=32, doc_max_length=64)
-    model.config.fusion = {"first_stage": "bm25", **fusion}
-    with pytest.raises(ModelError, match="fusion weights of .* fix mice_config.json"):
+    model.config.fusion = fusion
+    with pytest.raises(ModelError, match="fix mice_config.json or retrain the model"):
         Searcher(adi_index, model=model)
 
 

@@ -651,6 +651,13 @@ def test_maxsim_blend_is_tuned_with_bm25_and_saved(tiny_backbone, collection, tm
     assert with_maxsim["nDCG@10"] == without["nDCG@10"]
 
 
+def test_blend_needs_held_out_queries():
+    with pytest.raises(TrainingError, match="--dev-queries is 0; pass --dev-queries 100"):
+        settings_with_preset("scifact-cpu", train="x", output="o", dev_queries=0)
+    assert not settings_with_preset("scifact-cpu", train="x", output="o", dev_queries=0,
+                                    fuse_first_stage=False).fuse_first_stage
+
+
 def test_maxsim_blend_needs_the_bm25_blend_and_mice():
     with pytest.raises(TrainingError, match="--fuse-maxsim adds a term to the BM25 blend"):
         settings_with_preset(None, train="x", output="o", fuse_maxsim=True)
