@@ -323,6 +323,12 @@ def search(
                "token_candidates": token_candidates}
     if searcher.blend is not None and not first_stage_only and not quiet:
         typer.echo(_ranking_line(searcher.blend.describe()), err=True)
+        tuned = searcher.blend.tuned_candidates
+        if searcher.blend.weight is not None and tuned is not None and candidates != tuned:
+            typer.echo(f"note: --candidates is {candidates}, but the blend weights were tuned on "
+                       f"{tuned} candidates per query. The blend standardises scores over each "
+                       "query's candidates, so the weights may suit them less; compare with "
+                       "--no-fusion", err=True)
     try:
         if query is not None:
             _search_one(searcher, query, options, output_format, timings)
@@ -373,6 +379,9 @@ def _search_one(searcher, query, options, output_format, timings_path):
         typer.echo(f"the {result.first_stage} first stage found no candidate for the query "
                    f"{query!r}")
         return
+    if result.query_truncated:
+        typer.echo(f"note: the query was cut to {searcher.model.config.query_max_length} tokens "
+                   "for MICE (the first stage read it whole)", err=True)
     from rich.console import Console
     from rich.table import Table
 
@@ -404,12 +413,14 @@ def _search_set(searcher, source, split, options, output, tag, timings_path, qui
     run: dict[str, list[tuple[str, float]]] = {}
     per_query = []
     empty = 0
+    truncated = 0
     for item in tqdm(query_list, unit="query", desc="searching", disable=quiet,
                      dynamic_ncols=True):
         result = searcher.search(item.text, **options)
         run[item.id] = [(hit.doc_id, hit.score) for hit in result.hits]
         per_query.append(result.timings)
         empty += not result.hits
+        truncated += bool(result.query_truncated)
     if str(output) == "-":
         import tempfile
 
@@ -425,6 +436,10 @@ def _search_set(searcher, source, split, options, output, tag, timings_path, qui
     if empty:
         typer.echo(f"{empty} queries got no result (the {options['first_stage']} first stage "
                    "found no candidate)", err=True)
+    if truncated:
+        limit = searcher.model.config.query_max_length
+        typer.echo(f"note: {truncated} queries were cut to {limit} tokens for MICE (the first "
+                   "stage read them whole)", err=True)
     summary = latency_summary(per_query)
     lines = [f"  {stage:<15} p50 {values['p50_ms']:8.1f} ms   p95 {values['p95_ms']:8.1f} ms"
              for stage, values in summary.items()]

@@ -279,3 +279,14 @@ def test_interrupted_overwrite_hint_works(tiny_backbone, tmp_path, monkeypatch):
     assert manifest["build"]["resumed_after_shards"] == 2
     assert manifest["content_sha256"] == json.loads(manifest_before)["content_sha256"]
     assert check_index(index).problems == []
+
+
+def test_search_notes_a_cut_query_and_other_candidate_counts(adi_index):
+    long_query = " ".join(["information retrieval of documents"] * 40)
+    result = invoke("search", adi_index, long_query, "-k", "5", "--candidates", "20")
+    assert result.exit_code == 0, result.output
+    assert "note: the query was cut to 64 tokens for MICE" in result.stderr
+    assert "note: --candidates is 20, but the blend weights were tuned on 100" in result.stderr
+    result = invoke("search", adi_index, "information retrieval", "-k", "5")
+    assert result.exit_code == 0, result.output
+    assert "note:" not in result.stderr
