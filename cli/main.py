@@ -326,9 +326,7 @@ def search(
         tuned = searcher.blend.tuned_candidates
         if searcher.blend.weight is not None and tuned is not None and candidates != tuned:
             typer.echo(f"note: --candidates is {candidates}, but the blend weights were tuned on "
-                       f"{tuned} candidates per query. The blend standardises scores over each "
-                       "query's candidates, so the weights may suit them less; compare with "
-                       "--no-fusion", err=True)
+                       f"{tuned} candidates per query. {_CANDIDATE_COUNT_ADVICE}", err=True)
     try:
         if query is not None:
             _search_one(searcher, query, options, output_format, timings)
@@ -342,6 +340,11 @@ def search(
         raise _fail(error) from None
     finally:
         searcher.close()
+
+
+# The reason behind both notes on candidate counts, in search and in rerank.
+_CANDIDATE_COUNT_ADVICE = ("The blend standardises scores over each query's candidates, so the "
+                           "weights may suit them less; compare with --no-fusion")
 
 
 def _ranking_line(description: str) -> str:
@@ -560,7 +563,7 @@ def train(
     teacher_scores: Annotated[Path | None, typer.Option(help="Teacher-score TSV in the MS MARCO layout: pos_score, neg_score, query, positive, negative.")] = None,
     teacher: Annotated[str | None, typer.Option(help="Model folder that scores triples on the fly for margin-mse.")] = None,
     split: Annotated[str | None, typer.Option(help="Split whose queries and judgments train (default: train).")] = None,
-    dev_queries: Annotated[int | None, typer.Option(help="Training queries held out (seeded) for periodic evaluation. With 0, nothing is evaluated and the model of the last step is kept (default: 100).")] = None,
+    dev_queries: Annotated[int | None, typer.Option(help="Training queries held out (seeded) for periodic evaluation. With 0, nothing is evaluated and the model of the last step is kept; a blend (--fuse-first-stage) needs them (default: 100).")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: 1000).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Queries (listwise) or triples (margin-mse) per step (default: 8).")] = None,
     group_size: Annotated[int | None, typer.Option(help="Listwise group: one positive and group-size - 1 negatives (default: 8).")] = None,
@@ -744,9 +747,8 @@ def _note_candidate_counts(blend, candidates: dict[str, list]) -> None:
     other = sum(len(results) != tuned for results in candidates.values())
     if other:
         typer.echo(f"note: {other} of {len(candidates)} queries have a candidate count other "
-                   f"than {tuned}, the count the blend weights were tuned on. The blend "
-                   "standardises scores over each query's candidates, so the weights may suit "
-                   "them less; compare with --no-fusion", err=True)
+                   f"than {tuned}, the count the blend weights were tuned on. "
+                   f"{_CANDIDATE_COUNT_ADVICE}", err=True)
 
 
 @app.command(cls=FlagCommand)

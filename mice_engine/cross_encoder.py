@@ -672,13 +672,14 @@ def score_texts(
     try:
         with torch.inference_mode():
             query_ids, query_mask = pad(query_tokens.input_ids, pad_id, model.device)
+            # With MaxSim, the query's lower layers run once, not once per batch.
+            query_states = model.encode(query_ids, query_mask) if maxsim is not None else None
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 doc_ids, doc_mask = pad([doc_tokens[i] for i in rows], pad_id, model.device)
                 if maxsim is None:
                     logits = model(query_ids, query_mask, doc_ids, doc_mask)
                 else:
-                    query_states = model.encode(query_ids, query_mask)
                     doc_states = model.encode(doc_ids, doc_mask)
                     logits = model.score_states(query_states, query_mask, doc_states, doc_mask)
                     maxsim[rows] = maxsim_scores(query_states, query_mask, doc_states,

@@ -232,21 +232,16 @@ class TrainSettings:
                 "(or leave it out for a warm-up of 10% of the steps), or raise --steps above "
                 f"{self.warmup_steps}")
 
-        if self.learning_rate <= 0:
-            raise TrainingError(f"learning-rate={self.learning_rate} is invalid: it must be "
-                                "above 0")
-        if self.weight_decay < 0:
-            raise TrainingError(f"weight-decay={self.weight_decay} is invalid: it must be 0 or "
-                                "more")
-        if self.max_grad_norm <= 0:
-            raise TrainingError(f"max-grad-norm={self.max_grad_norm} is invalid: it must be "
-                                "above 0")
-        if self.distill_weight < 0:
-            raise TrainingError(f"distill-weight={self.distill_weight} is invalid: it must be "
-                                "0 or more")
-        if self.distill_temperature <= 0:
-            raise TrainingError(f"distill-temperature={self.distill_temperature} is invalid: it "
-                                "must be above 0")
+        # Real-valued options: (name, lower bound, whether the bound itself is allowed).
+        bounds = (("learning_rate", 0.0, False), ("weight_decay", 0.0, True),
+                  ("max_grad_norm", 0.0, False), ("distill_weight", 0.0, True),
+                  ("distill_temperature", 0.0, False))
+        for name, bound, inclusive in bounds:
+            value = getattr(self, name)
+            if value < bound or (value == bound and not inclusive):
+                rule = f"{bound:g} or more" if inclusive else f"above {bound:g}"
+                raise TrainingError(f"{name.replace('_', '-')}={value} is invalid: it must be "
+                                    f"{rule}")
 
     def _check_combinations(self) -> None:
         if self.freeze_lower and self.architecture != "mice":

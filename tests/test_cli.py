@@ -281,7 +281,7 @@ def test_interrupted_overwrite_hint_works(tiny_backbone, tmp_path, monkeypatch):
     assert check_index(index).problems == []
 
 
-def test_search_notes_a_cut_query_and_other_candidate_counts(adi_index):
+def test_search_notes_cut_query_and_depth(adi_index):
     long_query = " ".join(["information retrieval of documents"] * 40)
     result = invoke("search", adi_index, long_query, "-k", "5", "--candidates", "20")
     assert result.exit_code == 0, result.output

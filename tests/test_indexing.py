@@ -504,20 +504,28 @@ def test_index_without_content_checksum(tiny_model, adi_with_faiss, tmp_path):
     assert f"{copy}: OK" in result.output
 
 
-def test_full_disk_keeps_shards_for_resume(tiny_model, tmp_path, monkeypatch):
+def fill_disk_at_shard(monkeypatch, full_at: int):
+    """Make shard ``full_at`` (and later ones) fail as on a full disk; returns the real writer."""
     import errno
 
-    import mice_engine.indexing as indexing
+    from mice_engine import indexing
 
-    adi = shared_collection("adi")
     real_write = indexing.write_shard
 
     def write_until_full(folder, number, *args):
-        if number == 2:
+        if number == full_at:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(folder, number, *args)
 
     monkeypatch.setattr(indexing, "write_shard", write_until_full)
+    return real_write
+
+
+def test_full_disk_keeps_shards_for_resume(tiny_model, tmp_path, monkeypatch):
+    from mice_engine import indexing
+
+    adi = shared_collection("adi")
+    real_write = fill_disk_at_shard(monkeypatch, 2)
     with pytest.raises(MiceIndexError, match="disk full .* --resume"):
         build_index(adi, tmp_path / "index", model=tiny_model, chunk_size=20,
                     show_progress=False)
@@ -530,21 +538,10 @@ def test_full_disk_keeps_shards_for_resume(tiny_model, tmp_path, monkeypatch):
 
 
 def test_full_disk_during_overwrite(tiny_model, tmp_path, monkeypatch):
-    import errno
-
-    from mice_engine import indexing
-
     adi = shared_collection("adi")
     index = tmp_path / "index"
     first = build_index(adi, index, model=tiny_model, chunk_size=20, show_progress=False)
-    real_write = indexing.write_shard
-
-    def write_until_full(folder, number, *args):
-        if number == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(folder, number, *args)
-
-    monkeypatch.setattr(indexing, "write_shard", write_until_full)
+    fill_disk_at_shard(monkeypatch, 2)
     with pytest.raises(MiceIndexError, match=f"{index} is unchanged.*`mice index SOURCE --output "
                                              f"{index} --resume`"):
         build_index(adi, index, model=tiny_model, chunk_size=20, mode="overwrite",
@@ -653,7 +650,7 @@ def test_windowed_document_scores_its_best_window(tiny_model, tmp_path):
     searcher.close()
 
 
-def test_maxsim_of_a_windowed_document_reads_all_its_tokens(tiny_model, tmp_path):
+def test_windowed_maxsim_reads_all_tokens(tiny_model, tmp_path):
     from mice_engine.encoding import encode_query
     from mice_engine.model import maxsim_scores
     from mice_engine.search import STAGES, Searcher
